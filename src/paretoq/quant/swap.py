@@ -1,0 +1,85 @@
+"""Model surgery: swap ``nn.Linear`` modules for ``QuantLinear`` (and back), in place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from paretoq.quant.config import QuantConfig
+from paretoq.quant.linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_model`` did."""
+
+    w_bits: float
+    group_size: int | None
+    layers: list[str] = field(default_factory=list)
+    quantized_params: int = 0
+    total_params: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fraction_quantized(self) -> float:
+        return self.quantized_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        group = "per row" if self.group_size is None else f"group {self.group_size}"
+        return (f"quantized {self.num_layers} Linear layers to {self.w_bits} bits ({group}): "
+                f"{self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def selected_linears(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` modules ``config`` selects, in model order."""
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and config.selects(n)]
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = True) -> QuantReport:
+    """Swap the selected Linear layers of ``model`` for ``QuantLinear``, in place.
+
+    Every layer is checked before any is swapped, so a bad ``group_size`` leaves the model as it
+    was. Scales are initialised from the weights (``init_scales=True``) or left for a checkpoint
+    to fill. The model's ``config.quantization_config`` records the setting so that
+    ``save_pretrained`` / ``from_pretrained`` (after ``import paretoq``) round-trip it.
+    """
+    report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
+                         total_params=sum(p.numel() for p in model.parameters()))
+    if not config.enabled:
+        return report
+    targets = selected_linears(model, config)
+    for name, linear in targets:
+        config.check_layer(name, linear.in_features)
+    for name, linear in targets:
+        _set_module(model, name, QuantLinear.from_linear(linear, config, name=name, init=init_scales))
+        report.layers.append(name)
+        report.quantized_params += linear.weight.numel()
+    if not targets:
+        logger.warning("quantize_model: no Linear layer matched include=%s exclude=%s", config.include, config.exclude)
+    if hasattr(model, "config"):
+        model.config.quantization_config = config.to_dict()
+    logger.info("%s", report)
+    return report
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Bake the fake-quantized weights into plain ``nn.Linear`` layers, in place; returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            _set_module(model, name, module.to_linear())
+    if hasattr(model, "config") and getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model

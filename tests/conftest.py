@@ -1,0 +1,38 @@
+"""Shared test helpers: where the project's fixtures live, small model builders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PARETOQ_SHARED", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "minicpm4-tiny"
+TEXT = SHARED / "fixtures" / "text"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def fixture_dir() -> Path:
+    if not FIXTURE.is_dir():
+        pytest.fail(f"fixture folder missing: {FIXTURE} (set PARETOQ_SHARED to the shared/ folder)")
+    return FIXTURE
+
+
+@pytest.fixture
+def text_dir() -> Path:
+    return TEXT
+
+
+def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    """A tiny random LlamaForCausalLM built in code (no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
