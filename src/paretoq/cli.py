@@ -1,0 +1,67 @@
+"""The ``paretoq`` command: one entry point, one module per subcommand under ``paretoq.commands``.
+
+Each subcommand module has ``main(argv: list[str]) -> int``. Mistakes a user can make raise
+``paretoq.errors.UserError``; here they become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "train": "QAT of a model folder on a JSONL file (transformers Trainer flags accepted)",
+    "eval": "perplexity (and lm-eval tasks) of a model folder",
+    "export": "write a packed / hf / gguf copy of a quantized model",
+    "generate": "generate text from a model folder",
+    "sweep": "QAT at several bit widths, then the Pareto table and plot",
+    "info": "parameters, bits, bytes and quantized layers of a model folder",
+    "demo": "the whole pipeline on a real small LM (SmolLM2-135M), offline",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: paretoq <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "paretoq <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from paretoq import __version__
+
+        print(f"paretoq {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"paretoq: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(message)s")
+    from paretoq.errors import UserError
+
+    try:
+        module = importlib.import_module(f"paretoq.commands.{name}")
+        return int(module.main(rest) or 0)
+    except UserError as e:
+        print(f"paretoq {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"paretoq {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
