@@ -1,0 +1,295 @@
+"""MiniCPM (1, 2, 3 and 4, dense) as a native transformers model, built from transformers' Llama pieces.
+
+SPEC §3: MiniCPM is Llama (RMSNorm, GQA attention with half-split RoPE, SiLU-gated MLP) plus three μP
+scalings and LongRoPE:
+
+1. ``h = embed(ids) * scale_emb``;
+2. every layer ``h += (scale_depth / sqrt(L)) * Attn(RMSNorm(h))`` and the same for the MLP branch;
+3. ``logits = lm_head(RMSNorm(h) / (hidden_size / dim_model_base))``, returned in fp32;
+4. loss: transformers' ``ForCausalLMLoss`` (shifted mean cross-entropy, ignore -100, exact with
+   ``num_items_in_batch`` under gradient accumulation).
+
+LongRoPE (``rope_scaling.rope_type == "longrope"``) as in the official MiniCPM code: angle_i = t * inv_freq_i / f_i
+with inv_freq_i = theta^(-2i/d), f = long_factor when the (cached) length exceeds
+``original_max_position_embeddings`` and short_factor otherwise; cos and sin are multiplied by
+sqrt(1 + ln(max_pos / orig) / ln(orig)).  Two documented departures from the official code, both invisible for a
+single forward on a fresh model (which is what ``fixtures/minicpm4-tiny`` records):
+
+- the official rotary cache is *sticky*: once a sequence longer than ``original_max_position_embeddings`` has been
+  seen, every later call uses the long factors.  Here the choice is made per forward from the positions it sees
+  (long iff max(position_ids) + 1 > orig, or always long when max_position_embeddings > orig, which is what the
+  official cache built at init does);
+- with a KV cache, the official code keeps the keys already cached with short-factor angles when decoding crosses
+  ``orig``.  ``generate`` here drops the cache at that one step and re-encodes the prompt with the long factors (the
+  approach transformers takes for Phi-3), so cached decoding equals decoding by full recomputation.
+
+MiniCPM4-8B's ``sparse_config`` (InfLLM v2 block-sparse attention) is accepted and ignored: attention is dense,
+which equals the official model for sequences up to ``sparse_config["dense_len"]`` tokens.  The official code
+applies RoPE in fp32 even under bf16; here it follows Llama (compute dtype), which matters only in bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+)
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+class MiniCPMConfig(LlamaConfig):
+    """Configuration of a MiniCPM model; reads a MiniCPM ``config.json`` as it is (SPEC §3).
+
+    Adds to ``LlamaConfig``: ``scale_emb``, ``dim_model_base``, ``scale_depth`` (the μP scalings, with the defaults
+    of the official MiniCPMConfig) and ``sparse_config`` (MiniCPM4-8B; accepted, attention stays dense).
+    ``rope_scaling`` stays readable as the checkpoint spells it (``None`` for plain RoPE) and is what
+    ``save_pretrained`` writes, next to ``rope_theta``, so saved folders keep the official layout.  An ``auto_map``
+    pointing at remote code is dropped: the classes here replace it, and a saved folder has no code to point at.
+    """
+
+    model_type = "minicpm"
+
+    scale_emb: int | float = 1
+    dim_model_base: int | float = 1
+    scale_depth: int | float = 1.0
+    sparse_config: dict | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("auto_map", None)
+        if isinstance(kwargs.get("rope_scaling"), dict):  # standardisation edits it in place: not the caller's dict
+            kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
+        if isinstance(self.rope_parameters, dict):
+            self.rope_parameters = dict(self.rope_parameters)
+        super().__post_init__(**kwargs)
+        self._check_rope_type()
+
+    def _check_rope_type(self) -> None:
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type not in ("default", "longrope"):
+            raise ValueError(
+                f"MiniCPMConfig supports rope_scaling rope_type 'longrope' or no rope_scaling, got {rope_type!r}"
+            )
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """config.json's ``rope_scaling``: ``rope_parameters`` without ``rope_theta``; None for plain RoPE."""
+        params = dict(self.rope_parameters or {})
+        params.pop("rope_theta", None)
+        if params.get("rope_type", "default") == "default" and set(params) <= {"rope_type", "type"}:
+            return None
+        return params
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict | None) -> None:
+        theta = (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+        self.rope_parameters = {**(value or {}), "rope_theta": theta}
+        self.standardize_rope_params()
+        self._check_rope_type()
+        self.validate_rope()
+
+    def _validate_longrope_rope_parameters(self, rope_parameters, ignore_keys=None) -> None:
+        """MiniCPM's LongRoPE takes its scale from max_pos / orig (no ``factor`` key): check only what it reads."""
+        missing = {"short_factor", "long_factor", "original_max_position_embeddings"} - set(rope_parameters)
+        if missing:
+            raise ValueError(f"rope_scaling of type 'longrope' lacks {sorted(missing)}")
+        half = self.head_dim // 2
+        for key in ("short_factor", "long_factor"):
+            if len(rope_parameters[key]) != half:
+                raise ValueError(f"rope_scaling.{key} has {len(rope_parameters[key])} entries, head_dim/2 = {half}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        params = out.pop("rope_parameters", None) or {}
+        out["rope_theta"] = params.get("rope_theta", self.default_theta)
+        out["rope_scaling"] = self.rope_scaling
+        return out
+
+
+class MiniCPMRotaryEmbedding(nn.Module):
+    """Plain RoPE or MiniCPM LongRoPE (SPEC §3); returns (cos, sin) of shape (batch, seq, head_dim).
+
+    The angle is computed in the official order of operations, ``(t * (1 / f)) * inv_freq``, so fp32 angles round
+    as the official ones do.
+    """
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        params = config.rope_parameters
+        self.config = config
+        self.longrope = params.get("rope_type") == "longrope"
+        self.attention_scaling = 1.0
+        self.original_max = self.always_long = None
+        if self.longrope:
+            self.original_max = params["original_max_position_embeddings"]
+            scale = config.max_position_embeddings / self.original_max
+            self.attention_scaling = math.sqrt(1 + math.log(scale) / math.log(self.original_max))
+            self.always_long = config.max_position_embeddings > self.original_max
+        for name, value in self.tables().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        """inv_freq_i = theta^(-2i/d) and the reciprocal short/long factors (ones for plain RoPE)."""
+        params, dim = self.config.rope_parameters, self.config.head_dim
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+        ones = [1.0] * (dim // 2)
+        short = torch.tensor(params.get("short_factor", ones), dtype=torch.float32)
+        long = torch.tensor(params.get("long_factor", ones), dtype=torch.float32)
+        return {"inv_freq": inv_freq, "short_inv_factor": 1.0 / short, "long_inv_factor": 1.0 / long}
+
+    def uses_long_factors(self, seq_len: int) -> bool:
+        """Whether a sequence of ``seq_len`` positions is rotated with the long factors."""
+        return bool(self.longrope and (self.always_long or seq_len > self.original_max))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_factor = self.short_inv_factor
+        if self.longrope:
+            use_long = (position_ids.max() + 1 > self.original_max) | self.always_long
+            inv_factor = torch.where(use_long, self.long_inv_factor, self.short_inv_factor)
+        freqs = (position_ids[..., None].float() * inv_factor) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class MiniCPMDecoderLayer(LlamaDecoderLayer):
+    """Llama decoder layer whose two residual branches are scaled by scale_depth / sqrt(num_layers) (SPEC §3.2)."""
+
+    def __init__(self, config: MiniCPMConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.residual_scale = config.scale_depth / math.sqrt(config.num_hidden_layers)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out * self.residual_scale
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + mlp_out * self.residual_scale
+
+
+class MiniCPMPreTrainedModel(LlamaPreTrainedModel):
+    config_class = MiniCPMConfig
+    _no_split_modules = ["MiniCPMDecoderLayer"]
+    _can_record_outputs = {"hidden_states": MiniCPMDecoderLayer, "attentions": LlamaAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MiniCPMRotaryEmbedding):  # non-persistent buffers leave the meta device here
+            for name, value in module.tables().items():
+                init.copy_(getattr(module, name), value)
+
+
+class MiniCPMModel(MiniCPMPreTrainedModel, LlamaModel):
+    """LlamaModel with MiniCPM layers and rotary embedding; embeddings scaled by ``scale_emb`` (SPEC §3.1).
+
+    ``last_hidden_state`` is the final RMSNorm output, as in the official ``MiniCPMModel``.
+    """
+
+    def __init__(self, config: MiniCPMConfig):
+        MiniCPMPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MiniCPMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MiniCPMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if config.sparse_config:
+            _warn_once(
+                "sparse_config",
+                "MiniCPM sparse_config (InfLLM v2 sparse attention) is not implemented: running dense attention, "
+                "which equals the official model up to sparse_config['dense_len'] tokens.",
+            )
+        self.post_init()
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.config.scale_emb
+            input_ids = None
+        return LlamaModel.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class MiniCPMForCausalLM(MiniCPMPreTrainedModel, GenerationMixin):
+    """MiniCPM language model: logits = lm_head(h / (hidden_size / dim_model_base)) in fp32 (SPEC §3.3–4)."""
+
+    _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
+    _tp_plan = LlamaForCausalLM._tp_plan
+    _pp_plan = LlamaForCausalLM._pp_plan
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__(config)
+        self.model = MiniCPMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states / (self.config.hidden_size / self.config.dim_model_base)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+        """Re-encode everything at the one step where decoding crosses into the long LongRoPE factors.
+
+        Cached keys were rotated with the short factors; recomputing them keeps ``generate`` equal to greedy decoding
+        by full recomputation (the official code keeps the stale keys instead; see the module docstring).
+        """
+        rotary = self.model.rotary_emb
+        if cache is not None and rotary.uses_long_factors(input_ids.shape[1]):
+            past = cache.get_seq_length()
+            if 0 < past and not rotary.uses_long_factors(past):
+                cache = None
+                kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
+
+
+__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "MiniCPMPreTrainedModel"]
