@@ -1,0 +1,154 @@
+"""Arguments of ``paretoq train``: our dataclasses + every transformers ``TrainingArguments`` flag.
+
+The seed's flag names (``--input_model_filename``, ``--output_model_filename``, ``--local_dir``,
+``--train_data_local_path``, ``--eval_data_local_path``, ``--w_bits``, ``--model_max_length``,
+``--cache_dir``, ``--contain_weight_clip_val``, ``--logging_dir``) are accepted as they are.
+One source of truth: dataclass defaults, then ``--config run.yaml``, then the command line.
+The resolved values are written to ``output_dir/paretoq_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from paretoq.errors import UserError
+from paretoq.quant.config import QuantConfig
+
+
+@dataclass
+class ModelArguments:
+    input_model_filename: str | None = field(default=None, metadata={"help": "model folder (HF layout) to start QAT from"})
+    output_model_filename: str | None = field(
+        default=None, metadata={"help": "name of the final model folder under <local_dir>/models/ (seed layout); "
+                                        "default: the final model is written to output_dir"})
+    local_dir: str | None = field(default=None, metadata={"help": "base folder for output_model_filename (seed)"})
+    w_bits: str = field(default="16", metadata={"help": "1, 1.58, 2, 3, 4; 16 = no quantization (0 = 1.58)"})
+    group_size: int | None = field(default=None, metadata={"help": "input columns per scale; default one per row"})
+    contain_weight_clip_val: bool | None = field(
+        default=None, metadata={"help": "accepted for seed compatibility: scales are always kept when the "
+                                        "checkpoint has them, and initialised from the weights otherwise"})
+    scale_lr_multiplier: float = field(default=1.0, metadata={"help": "LR of the scales = learning_rate × this"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow code from the model folder (off)"})
+
+
+@dataclass
+class DataArguments:
+    train_data_local_path: str | None = field(default=None, metadata={"help": "JSONL with one {\"text\": ...} per line"})
+    eval_data_local_path: str | None = field(default=None, metadata={"help": "eval JSONL; default: held out of train"})
+    model_max_length: int = field(default=2048, metadata={"help": "tokens per training block"})
+    cache_dir: str | None = field(default=None, metadata={"help": "tokenised-data cache (default output_dir/.cache)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out when no eval file"})
+
+
+@dataclass
+class RunArguments:
+    config: str | None = field(default=None, metadata={"help": "YAML file of flag values (CLI flags override)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir "
+                                                          "(re-running the same command does so too)"})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/logs)"})
+
+
+DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+
+# Defaults that differ from transformers' (a QAT user expects logs and metrics out of the box).
+OUR_TRAINING_DEFAULTS = {"dataloader_pin_memory": torch.cuda.is_available(), "report_to": ["tensorboard"], "logging_steps": 10, "save_total_limit": 3,
+                         "weight_decay": 0.0, "lr_scheduler_type": "cosine", "learning_rate": 2e-5}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    training: TrainingArguments
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size)
+
+    @property
+    def final_model_dir(self) -> str:
+        if self.model.output_model_filename:
+            return os.path.join(self.model.local_dir or self.training.output_dir, "models", self.model.output_model_filename)
+        return self.training.output_dir
+
+    def to_dict(self) -> dict:
+        out = {}
+        for part in (self.model, self.data, self.run):
+            out.update(dataclasses.asdict(part))
+        training = self.training.to_dict()
+        out.update({k: v for k, v in training.items() if not k.startswith("_") and "token" not in k})
+        return out
+
+    def save(self, folder: str) -> str:
+        path = Path(folder) / "paretoq_config.yaml"
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False))
+        return str(path)
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose usage errors raise UserError (one line, exit 2) instead of exiting."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def make_parser() -> HfArgumentParser:
+    parser = _Parser(DATACLASSES, prog="paretoq train")
+    parser.set_defaults(**{k: v for k, v in OUR_TRAINING_DEFAULTS.items()})
+    return parser
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag: value, got {type(values).__name__}")
+    return values
+
+
+def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None) -> TrainConfig:
+    """Parse ``paretoq train`` flags: dataclass defaults < ``defaults`` < YAML ``--config`` < argv."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    known = {a.dest for a in parser._actions}
+    layered = dict(defaults or {})
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        pre, _ = _Parser(RunArguments, add_help=False).parse_known_args(argv)
+        if pre.config:
+            layered.update(_read_yaml(pre.config))
+    unknown = sorted(set(layered) - known)
+    if unknown:
+        raise UserError(f"unknown option(s) in config: {', '.join(unknown)} (see paretoq train --help)")
+    parser.set_defaults(**layered)
+    if not layered.get("output_dir") and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        raise UserError("--output_dir is required: where checkpoints, logs and the final model go")
+    model, data, run, training = parser.parse_args_into_dataclasses(args=argv)
+    cfg = TrainConfig(model, data, run, training)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if not cfg.model.input_model_filename:
+        raise UserError("--input_model_filename is required: the model folder to start QAT from")
+    if not cfg.data.train_data_local_path:
+        raise UserError("--train_data_local_path is required: a JSONL file with one {\"text\": ...} per line")
+    if cfg.data.model_max_length <= 0:
+        raise UserError(f"--model_max_length must be a positive number of tokens, got {cfg.data.model_max_length}")
+    if cfg.model.scale_lr_multiplier <= 0:
+        raise UserError(f"--scale_lr_multiplier must be positive, got {cfg.model.scale_lr_multiplier}")
+    cfg.quant  # validates --w_bits / --group_size (QuantConfigError is a UserError)

@@ -1,0 +1,123 @@
+"""One QAT run: load → quantize → train with the Trainer → evaluate → save. Used by ``paretoq
+train``, ``paretoq sweep`` and ``paretoq demo``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from paretoq.data import build_datasets
+from paretoq.errors import UserError
+from paretoq.quant.swap import quantize_model
+from paretoq.training.args import TrainConfig
+from paretoq.training.trainer import LossPlotCallback, QATTrainer, perplexity
+
+logger = logging.getLogger(__name__)
+
+
+def _load_model_and_tokenizer(cfg: TrainConfig):
+    from paretoq.loading import load_model, load_tokenizer
+
+    # fp32 master weights whatever the checkpoint's dtype; --bf16 means bf16 autocast compute.
+    model = load_model(cfg.model.input_model_filename, dtype=torch.float32,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.input_model_filename, trust_remote_code=cfg.model.trust_remote_code)
+    return model, tokenizer
+
+
+def prepare_output_dir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--output_dir {path} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".paretoq-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output_dir {path} is not writable ({e.strerror})") from None
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint to continue from: --resume_from_checkpoint, else the latest in output_dir."""
+    explicit = cfg.training.resume_from_checkpoint
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise UserError(f"--resume_from_checkpoint {explicit}: no such checkpoint folder")
+        return explicit
+    last = get_last_checkpoint(cfg.training.output_dir) if os.path.isdir(cfg.training.output_dir) else None
+    if cfg.run.resume and last is None:
+        raise UserError(f"--resume: no checkpoint-* folder in {cfg.training.output_dir} to continue from")
+    return last
+
+
+def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written with another w_bits / group_size."""
+    cfg_path = Path(checkpoint) / "config.json"
+    try:
+        saved = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"checkpoint {checkpoint} has no readable config.json; delete it or pick another") from None
+    want = cfg.quant
+    saved_bits = saved.get("w_bits", 16)
+    if float(saved_bits) != float(want.w_bits) or saved.get("group_size") != want.group_size:
+        raise UserError(
+            f"checkpoint {checkpoint} was trained with w_bits={saved_bits} group_size={saved.get('group_size')}, "
+            f"but this run asks for w_bits={want.w_bits} group_size={want.group_size}: use another --output_dir "
+            f"or the same quantization flags")
+
+
+def run_training(cfg: TrainConfig, callbacks=()) -> dict:
+    """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
+    args = cfg.training
+    prepare_output_dir(args.output_dir)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.run.logging_dir or os.path.join(args.output_dir, "logs")
+    resume = find_resume_checkpoint(cfg)
+    if resume:
+        check_checkpoint_matches(resume, cfg)
+    set_seed(args.seed)
+
+    model, tokenizer = _load_model_and_tokenizer(cfg)
+    report = quantize_model(model, cfg.quant)
+    if args.process_index == 0:
+        logger.info("%s", report)
+    with args.main_process_first(desc="tokenising"):
+        train_ds, eval_ds = build_datasets(
+            tokenizer, cfg.data.train_data_local_path, cfg.data.eval_data_local_path,
+            block_size=cfg.data.model_max_length,
+            cache_dir=cfg.data.cache_dir or os.path.join(args.output_dir, ".cache"),
+            eval_fraction=cfg.data.eval_fraction)
+    if args.should_save:
+        cfg.save(args.output_dir)
+
+    trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[LossPlotCallback(), *callbacks],
+                         scale_lr_multiplier=cfg.model.scale_lr_multiplier)
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(train_result.metrics)
+    metrics["train_wall_seconds"] = round(time.perf_counter() - start, 2)
+    metrics["train_samples"] = len(train_ds)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+
+    eval_metrics = trainer.evaluate()
+    eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
+    eval_metrics["eval_samples"] = len(eval_ds)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+
+    final_dir = cfg.final_model_dir
+    trainer.save_model(final_dir)
+    if args.should_save:
+        tokenizer.save_pretrained(final_dir)
+        logger.info("final quantized model: %s", final_dir)
+    return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": report.num_layers}

@@ -1,0 +1,111 @@
+"""`QATTrainer`: transformers' Trainer plus what QAT needs, and the callbacks of a paretoq run.
+
+- The optimizer puts the scales (``weight_clip_val``) in their own parameter group: no weight
+  decay, learning rate × ``scale_lr_multiplier`` (the scheduler scales every group alike).
+- ``LossPlotCallback`` draws ``loss.png`` from the log history at the end of training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+SCALE_PARAM = "weight_clip_val"
+
+
+class QATTrainer(Trainer):
+    def __init__(self, *args, scale_lr_multiplier: float = 1.0, **kwargs):
+        self.scale_lr_multiplier = scale_lr_multiplier
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {"decay": [], "no_decay": [], "scales": []}
+        for name, p in opt_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = "scales" if name.endswith(SCALE_PARAM) else "decay" if name in decay else "no_decay"
+            groups[key].append(p)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        lr = optimizer_kwargs.get("lr", self.args.learning_rate)
+        param_groups = [
+            {"params": groups["decay"], "weight_decay": self.args.weight_decay},
+            {"params": groups["no_decay"], "weight_decay": 0.0},
+            {"params": groups["scales"], "weight_decay": 0.0, "lr": lr * self.scale_lr_multiplier},
+        ]
+        self.optimizer = optimizer_cls([g for g in param_groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.x reads the checkpoint's config.json with the generic PreTrainedConfig only
+        # to compare versions; for configs with LongRoPE `rope_scaling` (MiniCPM4, Phi-3) that
+        # generic class fails its RoPE validation. Read it with the model's own config class.
+        import transformers.trainer as hf_trainer
+
+        generic = hf_trainer.PreTrainedConfig
+        own = type(self.model.config)
+        hf_trainer.PreTrainedConfig = own
+        try:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        finally:
+            hf_trainer.PreTrainedConfig = generic
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes ``<output_dir>/loss.png``: training loss (and eval loss) against the step."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            try:
+                plot_loss(state.log_history, os.path.join(args.output_dir, "loss.png"))
+            except Exception as e:  # a plot must never fail a finished run
+                logger.warning("could not draw loss.png: %s", e)
+
+
+def plot_loss(log_history: list[dict], path: str) -> str | None:
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("paretoq QAT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def scale_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n.endswith(SCALE_PARAM)]
