@@ -35,6 +35,8 @@ class ModelArguments:
     contain_weight_clip_val: bool | None = field(
         default=None, metadata={"help": "accepted for seed compatibility: scales are always kept when the "
                                         "checkpoint has them, and initialised from the weights otherwise"})
+    qat: bool | None = field(default=None, metadata={"help": "accepted for ParetoQ/seed compatibility: QAT is on "
+                                                              "whenever w_bits < 16"})
     scale_lr_multiplier: float = field(default=1.0, metadata={"help": "LR of the scales = learning_rate × this"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow code from the model folder (off)"})
 
@@ -59,7 +61,8 @@ class RunArguments:
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
 
 # Defaults that differ from transformers' (a QAT user expects logs and metrics out of the box).
-OUR_TRAINING_DEFAULTS = {"dataloader_pin_memory": torch.cuda.is_available(), "report_to": ["tensorboard"], "logging_steps": 10, "save_total_limit": 3,
+_HAS_GPU = torch.cuda.is_available()
+OUR_TRAINING_DEFAULTS = {"dataloader_pin_memory": _HAS_GPU, "use_cpu": not _HAS_GPU, "report_to": ["tensorboard"], "logging_steps": 10, "save_total_limit": 3,
                          "weight_decay": 0.0, "lr_scheduler_type": "cosine", "learning_rate": 2e-5}
 
 
@@ -136,7 +139,12 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     parser.set_defaults(**layered)
     if not layered.get("output_dir") and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         raise UserError("--output_dir is required: where checkpoints, logs and the final model go")
-    model, data, run, training = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model, data, run, training, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # TrainingArguments' own validation (e.g. incompatible flags)
+        raise UserError(" ".join(str(e).split())) from None
+    if rest:
+        raise UserError(f"unrecognized arguments: {' '.join(rest)} (see paretoq train --help)")
     cfg = TrainConfig(model, data, run, training)
     _validate(cfg)
     return cfg

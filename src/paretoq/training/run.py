@@ -6,30 +6,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import default_data_collator, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
 from paretoq.quant.swap import quantize_model
 from paretoq.training.args import TrainConfig
+from paretoq.training.checkpointing import latest_complete_checkpoint, publish_model, remove_leftovers
+from paretoq.training.preflight import check_model_folder, check_output_dir
 from paretoq.training.trainer import LossPlotCallback, QATTrainer, perplexity
 
 logger = logging.getLogger(__name__)
 
 
-def _load_model_and_tokenizer(cfg: TrainConfig):
-    from paretoq.loading import load_model, load_tokenizer
+def _load_model(cfg: TrainConfig):
+    from paretoq.loading import load_model
 
     # fp32 master weights whatever the checkpoint's dtype; --bf16 means bf16 autocast compute.
-    model = load_model(cfg.model.input_model_filename, dtype=torch.float32,
-                       trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.input_model_filename, trust_remote_code=cfg.model.trust_remote_code)
-    return model, tokenizer
+    return load_model(cfg.model.input_model_filename, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def prepare_output_dir(path: str) -> None:
@@ -38,21 +39,24 @@ def prepare_output_dir(path: str) -> None:
         raise UserError(f"--output_dir {path} is a file, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".paretoq-write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".paretoq-write-test-"):
+            pass
     except OSError as e:
         raise UserError(f"--output_dir {path} is not writable ({e.strerror})") from None
 
 
 def find_resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint to continue from: --resume_from_checkpoint, else the latest in output_dir."""
+    """The checkpoint to continue from: --resume_from_checkpoint, else the latest complete one in
+    output_dir (a checkpoint-N without trainer_state.json is skipped; ``.tmp-*`` leftovers of an
+    interrupted save are deleted)."""
     explicit = cfg.training.resume_from_checkpoint
     if explicit:
         if not os.path.isdir(explicit):
             raise UserError(f"--resume_from_checkpoint {explicit}: no such checkpoint folder")
         return explicit
-    last = get_last_checkpoint(cfg.training.output_dir) if os.path.isdir(cfg.training.output_dir) else None
+    if cfg.training.should_save:
+        remove_leftovers(cfg.training.output_dir)
+    last = latest_complete_checkpoint(cfg.training.output_dir)
     if cfg.run.resume and last is None:
         raise UserError(f"--resume: no checkpoint-* folder in {cfg.training.output_dir} to continue from")
     return last
@@ -74,26 +78,45 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
             f"or the same quantization flags")
 
 
+@contextmanager
+def _removed_on_user_error(path: str, created: bool):
+    """Delete ``path`` (a folder this run created) if a ``UserError`` stops the run before training."""
+    try:
+        yield
+    except UserError:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
     args = cfg.training
-    prepare_output_dir(args.output_dir)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.run.logging_dir or os.path.join(args.output_dir, "logs")
+    # Cheap checks first (nothing written, no weights read), then the data (every line is checked
+    # while it is tokenised), then the weights: a user's mistake ends in one line and no output.
+    if args.should_save:
+        check_output_dir(args.output_dir)
     resume = find_resume_checkpoint(cfg)
     if resume:
         check_checkpoint_matches(resume, cfg)
-    set_seed(args.seed)
+    check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
+    with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
+        from paretoq.loading import load_tokenizer
 
-    model, tokenizer = _load_model_and_tokenizer(cfg)
-    report = quantize_model(model, cfg.quant)
+        tokenizer = load_tokenizer(cfg.model.input_model_filename, trust_remote_code=cfg.model.trust_remote_code)
+        with args.main_process_first(desc="tokenising"):
+            train_ds, eval_ds = build_datasets(
+                tokenizer, cfg.data.train_data_local_path, cfg.data.eval_data_local_path,
+                block_size=cfg.data.model_max_length,
+                cache_dir=cfg.data.cache_dir or os.path.join(args.output_dir, ".cache"),
+                eval_fraction=cfg.data.eval_fraction)
+        prepare_output_dir(args.output_dir)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.run.logging_dir or os.path.join(args.output_dir, "logs")
+        set_seed(args.seed)
+        model = _load_model(cfg)
+        report = quantize_model(model, cfg.quant)
     if args.process_index == 0:
         logger.info("%s", report)
-    with args.main_process_first(desc="tokenising"):
-        train_ds, eval_ds = build_datasets(
-            tokenizer, cfg.data.train_data_local_path, cfg.data.eval_data_local_path,
-            block_size=cfg.data.model_max_length,
-            cache_dir=cfg.data.cache_dir or os.path.join(args.output_dir, ".cache"),
-            eval_fraction=cfg.data.eval_fraction)
     if args.should_save:
         cfg.save(args.output_dir)
 
@@ -116,8 +139,7 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     trainer.save_state()
 
     final_dir = cfg.final_model_dir
-    trainer.save_model(final_dir)
+    publish_model(trainer, tokenizer, final_dir)  # files moved in complete, config.json last
     if args.should_save:
-        tokenizer.save_pretrained(final_dir)
         logger.info("final quantized model: %s", final_dir)
     return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": report.num_layers}
