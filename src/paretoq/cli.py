@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paretoq: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(message)s")
+    _setup_output()
     from paretoq.errors import UserError
 
     try:
@@ -54,9 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"paretoq {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the user gave that the system refuses (permissions, full disk, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"paretoq {name}: error: {where}{_one_line(OSError(e.strerror or e))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"paretoq {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _setup_output() -> None:
+    """paretoq's own log lines (INFO, rank 0 only) go to stderr; other libraries only warn there.
+    Loading bars are drawn on a terminal only, so a piped stderr holds messages, not bars."""
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("paretoq").setLevel(level)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _one_line(e: BaseException) -> str:

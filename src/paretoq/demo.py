@@ -92,10 +92,8 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
 
 
 def _export_packed(model_dir: str, dest: Path) -> dict:
-    try:
-        from paretoq.export.packed import save_packed
-    except ImportError:  # pragma: no cover - the packed exporter ships with paretoq
-        return {}
+    from paretoq.export.packed import save_packed
+
     save_packed(model_dir, str(dest))
     size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
     fake = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))

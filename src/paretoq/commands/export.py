@@ -1,0 +1,58 @@
+"""``paretoq export``: write a packed / hf / gguf copy of a model folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from paretoq.commands._parser import ArgumentParser
+from paretoq.errors import UserError
+
+FORMATS = ("packed", "hf", "gguf")
+
+
+def make_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="paretoq export", description="Write a packed (paretoq), hf (dequantized, plain "
+                       "transformers) or gguf (llama.cpp) copy of a quantized model folder.")
+    p.add_argument("--model", required=True, help="model folder (fake-quant from paretoq train, or packed)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--output", required=True, help="output folder (packed, hf) or .gguf file")
+    p.add_argument("--scale_dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                   help="packed: dtype of the stored scales (default fp16)")
+    p.add_argument("--ternary_format", default="2bit", choices=("2bit", "base3"),
+                   help="packed, 1.58 bits: 2-bit codes (4 per byte) or base-3 (5 per byte)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="packed / hf: dtype of the unquantized tensors (hf: of all tensors); default bf16")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = make_parser().parse_args(argv)
+    model, output = Path(args.model), Path(args.output)
+    if output.resolve() == model.resolve():
+        raise UserError(f"--output {output} is the --model folder: choose a new path")
+    from paretoq.training.preflight import check_output_dir
+
+    # before the model loads: the output (a folder; for gguf, the file's folder) can be written
+    if args.format == "gguf":
+        check_output_dir(output.parent, f"--output {output}: its folder")
+    else:
+        check_output_dir(output, "--output")
+    if args.format == "gguf":
+        from paretoq.export.gguf import export_gguf
+
+        written = export_gguf(model, output)
+    elif args.format == "packed":
+        from paretoq.export.packed import save_packed
+
+        written = save_packed(model, output, scale_dtype=args.scale_dtype, ternary_format=args.ternary_format,
+                              dtype=args.dtype)
+    else:
+        from paretoq.export.hf import export_hf
+
+        written = export_hf(model, output, dtype=args.dtype)
+    written = Path(written or output)
+    size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file()) if written.is_dir() else \
+        written.stat().st_size
+    print(f"wrote {args.format} export to {written} ({size / 2**20:.2f} MiB)", file=sys.stdout)
+    return 0

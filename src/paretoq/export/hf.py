@@ -1,0 +1,56 @@
+"""Plain Hugging Face export: the fake-quant weights Ŵ baked into ordinary ``nn.Linear`` weights.
+
+The folder has no ``weight_clip_val`` and no ``quantization_config``, so plain transformers (or
+vLLM; MiniCPM through paretoq's class) loads it as an ordinary model whose logits are the
+fake-quant model's (exactly in fp32; bf16 by default, which rounds Ŵ to bf16). It is as large as
+a bf16 model: use the packed export for the small files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from paretoq.export.folder import export_config, export_state, tokenizer_files, write_folder
+from paretoq.export.packed import PackedLinear, resolve_dtype
+from paretoq.quant.linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def export_hf(model_or_folder: nn.Module | str | os.PathLike, out_dir: str | os.PathLike, dtype=torch.bfloat16,
+              tokenizer=None) -> Path:
+    """Write a plain transformers folder with dequantized weights; the model given is not modified.
+
+    ``model_or_folder``: a fake-quant (``QuantLinear``), packed (``PackedLinear``) or plain model,
+    or the folder of one (its tokenizer files are copied). All tensors are written in ``dtype``.
+    """
+    dtype = resolve_dtype(dtype, "dtype")
+    source = None
+    if isinstance(model_or_folder, (str, os.PathLike)):
+        from paretoq.loading import load_model
+        from paretoq.quant.swap import dequantize_model
+
+        source = Path(model_or_folder)
+        # A model loaded here is ours to change: bake Ŵ in with dequantize_model.
+        model = dequantize_model(load_model(source))
+    else:
+        model = model_or_folder
+
+    def baked(_name, m):  # Ŵ of a layer still quantized (a model passed in by the caller)
+        w = m.dequantized_weight() if isinstance(m, PackedLinear) else m.quantized_weight()
+        out = {"weight": w.to(dtype)}
+        if m.bias is not None:
+            out["bias"] = m.bias.to(dtype)
+        return out
+
+    with torch.no_grad():
+        tensors = export_state(model, {QuantLinear: baked, PackedLinear: baked}, dtype)
+    config = export_config(model, dtype, None)
+    out = write_folder(out_dir, tensors, config, tokenizer_files(source), model=model, tokenizer=tokenizer)
+    logger.info("wrote dequantized %s model to %s", str(dtype).removeprefix("torch."), out)
+    return out
