@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"paretoq {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `paretoq info DIR | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _setup_output() -> None:

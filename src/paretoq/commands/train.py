@@ -12,9 +12,9 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         make_parser().print_help()
         return 0
+    cfg = parse_train_args(argv)  # flag mistakes end here, before the Trainer is imported
     from paretoq.training.run import run_training
 
-    cfg = parse_train_args(argv)
     metrics = run_training(cfg)
     if cfg.training.process_index == 0:
         print(json.dumps({k: metrics[k] for k in ("eval_loss", "perplexity", "final_model_dir") if k in metrics}),

@@ -17,11 +17,13 @@ from transformers import default_data_collator, set_seed
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
-from paretoq.quant.swap import quantize_model
+from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
-from paretoq.training.checkpointing import latest_complete_checkpoint, publish_model, remove_leftovers
-from paretoq.training.preflight import check_model_folder, check_output_dir
-from paretoq.training.trainer import LossPlotCallback, QATTrainer, perplexity
+from paretoq.training.checkpointing import (check_checkpoint_files, latest_complete_checkpoint, publish_model,
+                                            remove_leftovers)
+from paretoq.training.preflight import check_model_folder, check_output_dir, held_logs
+from paretoq.training.recipe import RecipeTrainer, prepare_model, recipe_trainer_kwargs
+from paretoq.training.trainer import LossPlotCallback, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"checkpoint {checkpoint} has no readable config.json; delete it or pick another") from None
     want = cfg.quant
+    if not saved and cfg.model.qat_start_fraction > 0:
+        return  # written during the full-precision phase before QAT starts (training/recipe.py)
     saved_bits = saved.get("w_bits", 16)
     if float(saved_bits) != float(want.w_bits) or saved.get("group_size") != want.group_size:
         raise UserError(
@@ -99,12 +103,13 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     resume = find_resume_checkpoint(cfg)
     if resume:
         check_checkpoint_matches(resume, cfg)
+        check_checkpoint_files(resume)  # safetensors weights; Trainer state files hold only tensors
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.input_model_filename, trust_remote_code=cfg.model.trust_remote_code)
-        with args.main_process_first(desc="tokenising"):
+        with held_logs(), args.main_process_first(desc="tokenising"):  # logs shown once both files are read
             train_ds, eval_ds = build_datasets(
                 tokenizer, cfg.data.train_data_local_path, cfg.data.eval_data_local_path,
                 block_size=cfg.data.model_max_length,
@@ -114,15 +119,13 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
         os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.run.logging_dir or os.path.join(args.output_dir, "logs")
         set_seed(args.seed)
         model = _load_model(cfg)
-        report = quantize_model(model, cfg.quant)
-    if args.process_index == 0:
-        logger.info("%s", report)
+        report, teacher, calibration = prepare_model(model, cfg, train_ds.blocks, resume)  # quantize (logs it)
     if args.should_save:
         cfg.save(args.output_dir)
 
-    trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[LossPlotCallback(), *callbacks],
-                         scale_lr_multiplier=cfg.model.scale_lr_multiplier)
+    trainer = RecipeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, data_collator=default_data_collator,
+                            callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
@@ -142,4 +145,4 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     publish_model(trainer, tokenizer, final_dir)  # files moved in complete, config.json last
     if args.should_save:
         logger.info("final quantized model: %s", final_dir)
-    return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": report.num_layers}
+    return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": sum(isinstance(m, QuantLinear) for m in model.modules())}

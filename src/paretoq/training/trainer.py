@@ -2,7 +2,11 @@
 
 - The optimizer puts the scales (``weight_clip_val``) in their own parameter group: no weight
   decay, learning rate × ``scale_lr_multiplier`` (the scheduler scales every group alike).
+- The fake-quant cache (``paretoq.quant.linear``) is on in single-process runs: Ŵ once per optimizer
+  step, its summed gradient pushed through the quantizer after the step's last micro-batch.
 - ``LossPlotCallback`` draws ``loss.png`` from the log history at the end of training.
+- Checkpoints appear only complete (``checkpointing.AtomicCheckpointMixin``); a nan/inf loss stops
+  the run without saving the poisoned step (``guards.NonFiniteGuardMixin``).
 """
 
 from __future__ import annotations
@@ -14,15 +18,30 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from paretoq.quant.linear import flush_fake_quant_grads, set_fake_quant_cache
+from paretoq.training.checkpointing import AtomicCheckpointMixin
+from paretoq.training.guards import NonFiniteGuardMixin
+
 logger = logging.getLogger(__name__)
 
 SCALE_PARAM = "weight_clip_val"
 
 
-class QATTrainer(Trainer):
-    def __init__(self, *args, scale_lr_multiplier: float = 1.0, **kwargs):
+class QATTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
+    def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True, **kwargs):
         self.scale_lr_multiplier = scale_lr_multiplier
         super().__init__(*args, **kwargs)
+        # Ŵ computed once per optimizer step (paretoq.quant.linear); not with DDP/FSDP/DeepSpeed,
+        # whose gradient hooks need ∂L/∂W during backward.
+        self.fake_quant_cache = fake_quant_cache and self.accelerator.num_processes == 1 and self.args.n_gpu <= 1 \
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        set_fake_quant_cache(self.model, self.fake_quant_cache)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.fake_quant_cache and self.accelerator.sync_gradients:
+            flush_fake_quant_grads(model)  # before gradient clipping and the optimizer step
+        return loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
