@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (``perplexity.py``), lm-eval tasks (``harness.py``), result files (``report.py``)."""
