@@ -29,6 +29,18 @@ Backward: ∂L/∂W = M ⊙ g, where M = 1 inside the scheme's clip range [lo, h
 
 Every scheme is a small object with the same methods; ``SCHEMES`` maps bits → scheme. Nothing
 else in paretoq branches on the bit width.
+
+Cost (the quantizer runs on every weight each step, so it is written for speed; the values stay
+the reference's bits, checked against it in ``tests/quant/test_oracle_torchao.py``):
+- forward saves only W and α (parameters: no memory) and writes Ŵ straight in the compute dtype
+  (bf16 under autocast, rounded once from fp32 — the bits of ``Ŵ.to(bf16)``);
+- backward recomputes x = W/α̃ (saving it would cost 4 bytes per weight until backward) and uses
+  the identities coef = q − x·M (the saturation values are the end levels; ternary is patched)
+  and clamp∘round = round∘clamp (LSQ), so it is ~12 elementwise ops instead of the reference's ~20;
+- the ops run in place on blocks of rows that stay in the CPU cache (``BLOCK_ELEMENTS``), on
+  fp32 operands only (bf16 gradients are converted once per block; mixed dtypes and bool masks
+  take slow, unvectorised paths in PyTorch's CPU kernels).
+The net effect is measured in ``benchmarks/quantizer_micro.py`` and ``benchmarks/qat_overhead.py``.
 """
 
 from __future__ import annotations
@@ -55,12 +67,15 @@ class Scheme(ABC):
     code_bits: int  # bits of one packed code
 
     @abstractmethod
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised quantized value q(x) (the forward without the α̃ factor)."""
+    def quantize_(self, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """q from c = clamp(x, lo, hi), computed in place in ``c``; ``w`` is the weight (binary uses it)."""
 
-    @abstractmethod
-    def scale_coefficient(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Per-element coefficient c with ∂L/∂α = s_g · Σ c ⊙ g."""
+    def coefficient_(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The α-coefficient, in place in ``q``: q − x where ``mask`` (M, float 0/1) is 1, Q± where 0.
+
+        For LSQ and 2-bit SEQ the saturation values Q± are the end levels themselves: q − x·M.
+        """
+        return q.addcmul_(x, mask, value=-1)
 
     @abstractmethod
     def init_scale(self, w_grouped: torch.Tensor) -> torch.Tensor:
@@ -71,11 +86,13 @@ class Scheme(ABC):
         """The normalised levels q can take, ascending; code i stands for levels()[i]."""
 
     # -- shared by every scheme -------------------------------------------------------------
-    def ste_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """M = 1 − [x < lo] − [x > hi], as the float mask the reference computes."""
-        small = (x < self.lo).float()
-        big = (x > self.hi).float()
-        return 1.0 - small - big
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised quantized value q(x) (the forward without the α̃ factor), a new tensor."""
+        return self.quantize_(x.clamp(self.lo, self.hi), x)
+
+    def quantize_scaled(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """q(W/α̃) as a new fp32 tensor, for the forward pass."""
+        return self.quantize_((w / a).clamp_(self.lo, self.hi), w)
 
     def to_codes(self, q: torch.Tensor) -> torch.Tensor:
         """Map normalised levels (output of ``quantize``) to integer codes 0..n_levels-1."""
@@ -109,11 +126,14 @@ class Binary(Scheme):
     n_levels: int = 2
     code_bits: int = 1
 
-    def quantize(self, x):
-        return x.sign()
+    def quantize_(self, c, w):
+        return torch.sign(w, out=c)
 
-    def scale_coefficient(self, x, w):
+    def quantize_scaled(self, w, a):
         return w.sign()
+
+    def coefficient_(self, q, x, mask):
+        return q  # sign(W), unmasked
 
     def init_scale(self, w_grouped):
         return w_grouped.abs().mean(dim=-1, keepdim=True)
@@ -143,14 +163,26 @@ class StretchedElastic(Scheme):
     def saturation(self) -> float:
         return (self.k - self.sigma) / self.k
 
-    def quantize(self, x):
-        return (torch.round(torch.clamp(x, -SEQ_CLIP, SEQ_CLIP) * self.k - self.sigma) + self.sigma) / self.k
+    def __post_init__(self):
+        # quantize_ does c·k − σ and (r + σ)/k in one op each (r = the rounded integer). That gives
+        # the bits of the formula step by step when c·k is exact (k a power of 2) or σ = 0, and when
+        # r·(1/k) = r/k for every r the round can give (k a power of 2, or |r| ≤ 1). True for both
+        # schemes here; this guards any new one.
+        assert math.log2(self.k).is_integer() or (self.sigma == 0 and round(SEQ_CLIP * self.k) <= 1)
+        # constants of quantize_ / coefficient_, made once (object.__setattr__: the dataclass is frozen)
+        object.__setattr__(self, "_shift", torch.tensor(-self.sigma))
+        object.__setattr__(self, "_unshift", torch.tensor(self.sigma / self.k))
+        object.__setattr__(self, "_saturates_at_end_levels", float(self.levels()[-1]) == self.saturation)
 
-    def scale_coefficient(self, x, w):
-        small = (x < self.lo).float()
-        big = (x > self.hi).float()
-        middle = 1.0 - small - big
-        return small * -self.saturation + big * self.saturation + middle * (-x + self.quantize(x))
+    def quantize_(self, c, w):
+        r = torch.add(self._shift, c, alpha=self.k, out=c).round_()
+        return torch.add(self._unshift, r, alpha=1 / self.k, out=r)
+
+    def coefficient_(self, q, x, mask):
+        if self._saturates_at_end_levels:  # 2 bits: Q± = ±0.75 are the end levels
+            return super().coefficient_(q, x, mask)
+        # ternary: Q± = ±1.0, not the end levels ±2/3. (q − x)·M + copysign(1 − M, x)·Q⁺
+        return q.sub_(x).mul_(mask).add_(torch.copysign(1 - mask, x).mul_(self.saturation))
 
     def init_scale(self, w_grouped):
         return w_grouped.abs().amax(dim=-1, keepdim=True)
@@ -163,7 +195,7 @@ class StretchedElastic(Scheme):
 
 @dataclass(frozen=True, repr=False)
 class LSQ(Scheme):
-    """LSQ (Esser et al. 2020, as in ParetoQ): q(x) = clamp(round(x), Qn, Qp).
+    """LSQ (Esser et al. 2020, as in ParetoQ): q(x) = clamp(round(x), Qn, Qp) = round(clamp(x, Qn, Qp)).
 
     Init: max|W| / Qp (the reference's max|W| / (2^(b−1) − 1)).
     """
@@ -178,14 +210,8 @@ class LSQ(Scheme):
     n_levels: int = 0
     code_bits: int = 0
 
-    def quantize(self, x):
-        return x.round().clamp(self.qn, self.qp)
-
-    def scale_coefficient(self, x, w):
-        small = (x < self.qn).float()
-        big = (x > self.qp).float()
-        middle = 1.0 - small - big
-        return small * self.qn + big * self.qp + middle * (-x + x.round())
+    def quantize_(self, c, w):
+        return c.round_()  # the clip range ends are integers, so rounding commutes with the clamp
 
     def init_scale(self, w_grouped):
         return w_grouped.abs().amax(dim=-1, keepdim=True) / self.qp
@@ -213,51 +239,101 @@ SCHEMES: dict[float, Scheme] = {
 
 
 def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """View W (m, n) as (m, n/g, g) and α (m, G) as (m, G, 1) when there are several groups.
+    """W (m, n) and α̃ = max(α, 1e-5), as (m, n/g, g) and (m, G, 1) when there are several groups.
 
     Per-row scales (m, 1) keep the 2-D layout of the reference so its reduction order (and so
-    its bits) is reproduced exactly.
+    its bits) is reproduced exactly. ``torch.where`` (not ``clamp``) as the reference: a nan α → 1e-5.
     """
     m, n = weight.shape
+    scale = torch.where(scale > SCALE_EPS, scale, torch.tensor(SCALE_EPS, device=scale.device, dtype=scale.dtype))
     groups = scale.shape[-1]
     if groups == 1:
         return weight, scale
     return weight.reshape(m, groups, n // groups), scale.unsqueeze(-1)
 
 
+BLOCK_ELEMENTS = 1 << 17
+"""On CPU, rows are processed in blocks of about this many elements: a block's few temporaries stay
+in the L2 cache across the ~12 elementwise passes instead of streaming whole matrices through
+memory at each pass, and stay small enough for malloc to reuse them without page faults. Per-row
+results do not depend on the blocking (tests compare 4096×1024 weights with the reference)."""
+
+
+def _row_blocks(w: torch.Tensor) -> list[slice]:
+    if w.device.type != "cpu":  # accelerators: one launch per op beats cache blocking
+        return [slice(None)]
+    rows = max(1, BLOCK_ELEMENTS // (w.numel() // w.shape[0]))
+    return [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
+    """Ŵ = α̃·q(W/α̃) as a new tensor of ``dtype`` (default: the weight's), no autograd.
+
+    The fp32 product is rounded once to ``dtype``: the same bits as ``Ŵ.to(dtype)``, one pass fewer.
+    """
+    w, a = _grouped(weight, scale)
+    out = torch.empty(w.shape, dtype=dtype or weight.dtype, device=weight.device)
+    for rows in _row_blocks(w):
+        torch.mul(scheme.quantize_scaled(w[rows], a[rows]), a[rows], out=out[rows])
+    return out.reshape(weight.shape)
+
+
+@torch.no_grad()
+def quantize_backward(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, grad: torch.Tensor, *,
+                      weight_grad: bool = True, scale_grad: bool = True, inplace: bool = False):
+    """(∂L/∂W, ∂L/∂α) from g = ∂L/∂Ŵ (fp32, or bf16 under autocast: read as fp32, values unchanged).
+
+    ``inplace=True`` writes ∂L/∂W into ``grad`` (an fp32 buffer the caller owns). Either gradient
+    is None when not asked for. Per block of rows: x = W/α̃, c = clamp(x), M = [c == x], q from c
+    in place, the coefficient in place, ·g, ·s_g, row sum, M·g — each value rounded as the
+    reference rounds it. Every operand is fp32: mixed-dtype and bool operands take slow paths on CPU.
+    """
+    w, a = _grouped(weight, scale)
+    g = grad.reshape(w.shape)
+    s_g = 1.0 / math.sqrt(weight.numel() * scheme.grad_qp)
+    inplace = inplace and g.dtype == w.dtype
+    grad_weight = (g if inplace else torch.empty_like(w)) if weight_grad else None
+    grad_scale = torch.empty(a.shape, dtype=a.dtype, device=a.device) if scale_grad else None
+    for rows in _row_blocks(w):
+        wb, ab, gb = w[rows], a[rows], g[rows].to(w.dtype)
+        x = wb / ab
+        c = x.clamp(scheme.lo, scheme.hi)
+        mask = torch.eq(c, x, out=torch.empty_like(c))  # M: 1.0 inside [lo, hi], 0.0 outside (and nan)
+        if scale_grad:
+            coef = scheme.coefficient_(scheme.quantize_(c, wb), x, mask)
+            torch.sum(coef.mul_(gb).mul_(s_g), dim=-1, keepdim=True, out=grad_scale[rows])
+        if weight_grad:
+            torch.mul(gb, mask, out=grad_weight[rows])
+    return (None if grad_weight is None else grad_weight.reshape(weight.shape),
+            None if grad_scale is None else grad_scale.reshape(scale.shape))
+
+
 class FakeQuantize(torch.autograd.Function):
-    """Ŵ = α̃·q(W/α̃) with the straight-through / LSQ gradients of the module docstring."""
+    """Ŵ = α̃·q(W/α̃) with the straight-through / LSQ gradients of the module docstring.
+
+    Saves only W and α (parameters: no extra memory) and recomputes x = W/α̃ in backward.
+    ``dtype`` is the dtype of Ŵ (e.g. bf16 under autocast); gradients come back in fp32.
+    """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme):
-        w, a = _grouped(weight, scale)
-        a = torch.where(a > SCALE_EPS, a, torch.tensor(SCALE_EPS, device=a.device, dtype=a.dtype))
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
         ctx.scheme = scheme
         ctx.save_for_backward(weight, scale)
-        return (scheme.quantize(w / a) * a).reshape(weight.shape)
+        return quantize_weight(weight, scale, scheme, dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, scale = ctx.saved_tensors
-        scheme: Scheme = ctx.scheme
-        w, a = _grouped(weight, scale)
-        a = torch.where(a > SCALE_EPS, a, torch.tensor(SCALE_EPS, device=a.device, dtype=a.dtype))
-        g = grad_output.reshape(w.shape)
-        x = w / a
-        grad_scale_factor = 1.0 / math.sqrt(weight.numel() * scheme.grad_qp)
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = (scheme.scale_coefficient(x, w) * g * grad_scale_factor).sum(dim=-1, keepdim=True)
-            grad_alpha = grad_alpha.reshape(scale.shape)
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = (scheme.ste_mask(x) * g).reshape(weight.shape)
-        return grad_weight, grad_alpha, None
+        grad_weight, grad_scale = quantize_backward(weight, scale, ctx.scheme, grad_output,
+                                                    weight_grad=ctx.needs_input_grad[0],
+                                                    scale_grad=ctx.needs_input_grad[1])
+        return grad_weight, grad_scale, None, None
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """Differentiable fake quantization of ``weight`` (m, n) with scales (m, G), G | n."""
-    return FakeQuantize.apply(weight, scale, scheme)
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
+    """Differentiable fake quantization of ``weight`` (m, n) with scales (m, G), G | n; Ŵ in ``dtype``."""
+    return FakeQuantize.apply(weight, scale, scheme, dtype)
 
 
 @torch.no_grad()

@@ -1,10 +1,28 @@
 """`QuantLinear`: an ``nn.Linear`` whose weight is fake-quantized on the fly.
 
 The latent weight stays in full precision (fp32 master weights); the forward uses
-Ŵ = α̃·q(W/α̃) from :mod:`paretoq.quant.functional`. The scale ``weight_clip_val`` (the
-reference's name, so ParetoQ checkpoints load as they are) is an fp32 parameter of shape
+Ŵ = α̃·q(W/α̃) from :mod:`paretoq.quant.functional`, produced directly in the compute dtype (bf16
+under autocast: the same bits as the reference's ``Ŵ.to(bf16)``). The scale ``weight_clip_val``
+(the reference's name, so ParetoQ checkpoints load as they are) is an fp32 parameter of shape
 (out_features, groups), created and initialised here, from the weight, before any optimizer
 exists. Biases are kept.
+
+Fake-quant cache (opt-in: ``set_fake_quant_cache(model)``; ``QATTrainer`` turns it on in
+single-process runs). W and α change only at the optimizer step, so Ŵ is computed once per step
+instead of once per forward (gradient accumulation, gradient checkpointing's recomputation).
+Backward does not go through the quantizer each micro-batch either: the gradients g_i = ∂L_i/∂Ŵ
+are summed in fp32 and ``flush_fake_quant_grads(model)`` (before gradient clipping and the
+optimizer step) turns the sum into ∂L/∂W and ∂L/∂α once. That is exact because both are linear
+in g for fixed W and α:
+
+    ∂L/∂W = M ⊙ Σ_i g_i = Σ_i M ⊙ g_i        (bit for bit: M is 0/1, Σ g_i summed in the same order)
+    ∂L/∂α = s_g Σ_row c ⊙ Σ_i g_i = Σ_i s_g Σ_row c ⊙ g_i   (equal up to fp32 summation order)
+
+With one micro-batch per step both are bit for bit those of the uncached path. The cache is valid
+while W and α keep their storage and version counters (any in-place update bumps them); a change
+with gradients still pending raises, since they can no longer be pushed through the quantizer.
+Only modules in training mode use it. Not for DDP/FSDP/DeepSpeed: their gradient hooks expect
+∂L/∂W during backward.
 """
 
 from __future__ import annotations
@@ -14,11 +32,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from paretoq.quant.config import QuantConfig
-from paretoq.quant.functional import fake_quantize, init_scale
+from paretoq.quant.functional import fake_quantize, init_scale, quantize_backward, quantize_weight
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` computes in for input ``x``: autocast's when it is on, else x's."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class QuantLinear(nn.Linear):
     """Linear layer with a ParetoQ fake-quantized weight and a learnable per-row/group scale."""
+
+    cache_quantized_weight = False  # see the module docstring; per module, set by set_fake_quant_cache
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: QuantConfig,
                  device=None, dtype=None):
@@ -33,6 +61,7 @@ class QuantLinear(nn.Linear):
         self.group_size = config.group_size
         groups = 1 if config.group_size is None else self.in_features // config.group_size
         self.weight_clip_val = nn.Parameter(torch.empty(self.out_features, groups, dtype=torch.float32, device=device))
+        self._clear_cache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig, name: str = "", init: bool = True) -> "QuantLinear":
@@ -62,7 +91,52 @@ class QuantLinear(nn.Linear):
         return fake_quantize(self.weight, self.weight_clip_val, self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        dtype = compute_dtype(x)
+        if self.cache_quantized_weight and self.training and not torch.is_inference_mode_enabled():
+            w = self._cached_weight(dtype)
+        else:
+            w = fake_quantize(self.weight, self.weight_clip_val, self.scheme, dtype)
+        return F.linear(x, w, self.bias)
+
+    # -- fake-quant cache ----------------------------------------------------------------------
+    def _clear_cache(self) -> None:
+        self._cache_state = None  # (versions, storages) of W and α the cache was built from
+        self._cache_weight = None  # Ŵ in the compute dtype
+        self._cache_grad = None  # Σ ∂L/∂Ŵ (fp32) not yet pushed through the quantizer
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w, a = self.weight, self.weight_clip_val
+        state = (w._version, a._version, w.data_ptr(), a.data_ptr())
+        if state != self._cache_state:
+            if self._cache_grad is not None:
+                raise RuntimeError("QuantLinear: weight or scale changed while fake-quant gradients were pending; "
+                                   "call flush_fake_quant_grads(model) before the optimizer step")
+            self._clear_cache()
+            self._cache_state = state
+        if self._cache_weight is None or self._cache_weight.dtype != dtype:
+            with torch.no_grad():
+                self._cache_weight = quantize_weight(w, a, self.scheme, dtype)
+        if not (torch.is_grad_enabled() and (w.requires_grad or a.requires_grad)):
+            return self._cache_weight
+        return _CachedFakeQuantize.apply(self._cache_weight, w, a, self)
+
+    def _add_grad(self, grad: torch.Tensor) -> None:
+        if self._cache_grad is None:
+            self._cache_grad = torch.empty_like(self.weight, dtype=torch.float32).copy_(grad)
+        else:  # fp32 += fp32: a bf16 operand would take a slow mixed-dtype path
+            self._cache_grad.add_(grad.to(torch.float32))
+
+    def flush_grad(self) -> None:
+        """Push the summed ∂L/∂Ŵ through the quantizer backward into W.grad and α.grad; drop the cache."""
+        grad, w, a = self._cache_grad, self.weight, self.weight_clip_val
+        self._clear_cache()
+        if grad is None:
+            return
+        gw, ga = quantize_backward(w, a, self.scheme, grad, weight_grad=w.requires_grad, scale_grad=a.requires_grad,
+                                   inplace=True)
+        for p, g in ((w, gw), (a, ga)):
+            if g is not None:
+                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -77,3 +151,38 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         group = "row" if self.group_size is None else f"group {self.group_size}"
         return f"{super().extra_repr()}, w_bits={self.quant_config.w_bits}, scale per {group}"
+
+
+class _CachedFakeQuantize(torch.autograd.Function):
+    """Hands out the layer's cached Ŵ; backward adds ∂L/∂Ŵ to the layer's fp32 sum (no grads yet)."""
+
+    @staticmethod
+    def forward(ctx, w_hat, weight, scale, layer):
+        ctx.layer = layer
+        return w_hat.view_as(w_hat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.layer._add_grad(grad)
+        return None, None, None, None
+
+
+def set_fake_quant_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the fake-quant cache of every ``QuantLinear`` in ``model`` on or off; returns how many.
+
+    With it on, call ``flush_fake_quant_grads(model)`` after the last backward of each optimizer
+    step (``QATTrainer`` does): until then W.grad and α.grad do not hold the step's gradients.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        if not enabled:
+            m.flush_grad()
+        m.cache_quantized_weight = enabled
+    return len(layers)
+
+
+def flush_fake_quant_grads(model: nn.Module) -> None:
+    """Turn every cached layer's summed ∂L/∂Ŵ into ∂L/∂W and ∂L/∂α (once per optimizer step)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.flush_grad()

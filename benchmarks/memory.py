@@ -1,0 +1,96 @@
+"""Peak memory (RSS) of QAT training against FP training, each in its own process.
+
+Every (model, micro-batch, precision, mode) runs ``--steps`` training steps of ``qat_overhead.py``
+in a fresh child process and reports ``ru_maxrss`` (the process's peak resident set). ``fp`` is
+the unquantized model (plain ``nn.Linear``); ``ours`` / ``cached`` / ``ref`` as in
+``qat_overhead.py``. The ratio is peak RSS / FP peak RSS; both include the ~0.5 GB of an
+imported torch + transformers, which is stated so the ratio can be read without it too.
+
+    python benchmarks/memory.py [--model 60m] [--batch 1x256,4x512] [--precision bf16,fp32]
+                                [--quant 2:row] [--modes fp,ours,cached,ref] [--ga 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(args) -> None:
+    from qat_overhead import Modes, build_model, make_batches, parse_quant, train_step
+
+    torch.set_num_threads(args.threads)
+    (bits, group), = parse_quant(args.quant)
+    model = build_model(args.model, None if args.mode == "fp" else bits, group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    batches = make_batches(model.config.vocab_size, args.batch, args.ga)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    switch = Modes()
+    mode = "ours" if args.mode == "fp" else args.mode  # no QuantLinear in the fp model: any forward
+    with switch.use(mode, model):
+        for _ in range(args.steps):
+            train_step(model, opt, batches, args.precision == "bf16", flush=args.mode == "cached")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_kib": peak, "after_build_kib": base}))
+
+
+def run_child(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *argv],
+                         capture_output=True, text=True, check=True, cwd=HERE)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="60m")
+    p.add_argument("--batch", default="1x256,4x512")
+    p.add_argument("--precision", default="bf16,fp32")
+    p.add_argument("--quant", default="2:row")
+    p.add_argument("--modes", default="fp,ours,cached,ref")
+    p.add_argument("--ga", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-append", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="fp", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    from qat_overhead import append_results
+
+    modes = args.modes.split(",")
+    assert modes[0] == "fp", "--modes must start with fp"
+    header = ("| model | micro-batch | GA | precision | quant | FP peak RSS | "
+              + " | ".join(f"{m} / FP" for m in modes[1:]) + " |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    print(header, flush=True)
+    for shape in args.model.split(","):
+        for batch in args.batch.split(","):
+            for precision in args.precision.split(","):
+                common = ["--model", shape, "--batch", batch, "--precision", precision, "--quant", args.quant,
+                          "--ga", str(args.ga), "--steps", str(args.steps), "--threads", str(args.threads)]
+                peaks = {m: run_child([*common, "--mode", m]) for m in modes}
+                fp = peaks["fp"]["peak_kib"]
+                cells = [f"{peaks[m]['peak_kib'] / fp:.3f} ({(peaks[m]['peak_kib'] - fp) / 1024:+.0f} MiB)"
+                         for m in modes[1:]]
+                line = (f"| {shape} | {batch} | {args.ga} | {precision} | {args.quant} | {fp / 1024:.0f} MiB | "
+                        + " | ".join(cells) + " |")
+                lines.append(line)
+                print(line, flush=True)
+    if not args.no_append:
+        cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        append_results("Peak memory, QAT vs FP training (memory.py)", cmd, lines,
+                       note=f"ru_maxrss of one child process per cell, {args.steps} steps each; includes the "
+                            f"~0.5 GiB of imported torch + transformers")
+
+
+if __name__ == "__main__":
+    main()

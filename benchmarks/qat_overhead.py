@@ -1,0 +1,243 @@
+"""QAT step time against full-precision training, measured side by side in one process.
+
+One Llama-architecture model per (shape, quantization): the same model and AdamW take steps in
+rotating order in each mode, so every ratio compares steps taken a few seconds apart:
+
+- ``fp``     — plain ``F.linear(x, W)`` in every quantized layer (what ``nn.Linear`` does);
+- ``ours``   — ``QuantLinear`` (paretoq's quantizer, Ŵ computed every forward);
+- ``cached`` — ``QuantLinear`` with the fake-quant cache (Ŵ once per optimizer step, its gradient
+  pushed through the quantizer once: what ``QATTrainer`` does in a single process);
+- ``ref``    — the reference quantizer (torchao 0.18's ParetoQ prototype, loaded from ``.oracle/``)
+  in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
+  (m·G, g) rows, which is the same math.
+
+Shapes: ``60m`` (hidden 512, 8 layers, intermediate 1408 — 11·128, so group 128 divides it —, vocab 32000: 59M parameters) and
+``smollm2`` (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab 49152,
+tied), random weights. A step = forward/backward of ``--ga`` micro-batches, (flush), AdamW step,
+zero_grad — the Trainer's sequence. Figures: median wall time and median process CPU time over
+``--steps`` steps after ``--warmup``; CPU time is the robust one on this shared machine (other
+jobs steal wall time, not CPU time), the threads default to 1 for the same reason (with 2 threads
+every parallel op waits on a preempted partner thread).
+
+    python benchmarks/qat_overhead.py                                  # 60m, full matrix
+    python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:128
+    python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,cached,ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+ORACLE = ROOT / ".oracle" / "torchao" / "prototype" / "paretoq" / "models" / "utils_quant.py"
+REF_CODE = {1: 1, 1.58: 0, 2: 2, 3: 3, 4: 4}  # the reference spells ternary as 0
+SHAPES = {
+    "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=8),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+}
+MODES = ("fp", "ours", "cached", "ref")
+
+
+def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
+    """A random fp32 Llama of ``shape``, its decoder projections swapped for QuantLinear (bits not None)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paretoq import QuantConfig, quantize_model
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(max_position_embeddings=2048, **SHAPES[shape])
+    model = LlamaForCausalLM(cfg).train()
+    if bits is not None:
+        quantize_model(model, QuantConfig(w_bits=bits, group_size=group_size))
+    return model
+
+
+def load_reference():
+    if not ORACLE.is_file():
+        sys.exit(f"reference quantizer missing: {ORACLE} (run `make install`)")
+    spec = importlib.util.spec_from_file_location("paretoq_reference_utils_quant", ORACLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def reference_forward(ref):
+    """QuantizeLinear.forward of the reference, on a QuantLinear (group scales as rows of g)."""
+
+    def forward(self, x):
+        code = REF_CODE[self.quant_config.w_bits]
+        fn = ref.StretchedElasticQuant if code in (0, 2) else ref.LsqBinaryTernaryExtension
+        m, n = self.weight.shape
+        groups = self.weight_clip_val.shape[1]
+        w = fn.apply(self.weight.reshape(m * groups, n // groups), self.weight_clip_val.reshape(m * groups, 1),
+                     code, False)
+        return F.linear(x, w.reshape(m, n).to(x.dtype), self.bias)
+
+    return forward
+
+
+def fp_forward(self, x):
+    return F.linear(x, self.weight, self.bias)
+
+
+class Modes:
+    """Switches every QuantLinear of the process between the measured forwards."""
+
+    def __init__(self):
+        from paretoq.quant.linear import QuantLinear
+
+        self.cls = QuantLinear
+        self.forwards = {"fp": fp_forward, "ours": QuantLinear.forward, "cached": QuantLinear.forward}
+        if ORACLE.is_file():
+            self.forwards["ref"] = reference_forward(load_reference())
+
+    @contextlib.contextmanager
+    def use(self, mode: str, model):
+        from paretoq.quant.linear import set_fake_quant_cache
+
+        original = self.cls.forward
+        self.cls.forward = self.forwards[mode]
+        set_fake_quant_cache(model, mode == "cached")
+        try:
+            yield
+        finally:
+            set_fake_quant_cache(model, False)
+            self.cls.forward = original
+
+
+def train_step(model, opt, micro_batches, bf16: bool, flush: bool) -> None:
+    from paretoq.quant.linear import flush_fake_quant_grads
+
+    for ids in micro_batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
+        loss.backward()
+    if flush:
+        flush_fake_quant_grads(model)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
+    b, t = (int(v) for v in batch.split("x"))
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (b, t), generator=gen) for _ in range(ga)]
+
+
+def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False):
+    """{mode: (median wall s, median cpu s)} with the modes' steps interleaved round by round."""
+    model = build_model(shape, bits, group_size)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    batches = make_batches(model.config.vocab_size, batch, ga)
+    switch = Modes()
+    wall = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
+    for r in range(warmup + steps):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate: no mode always runs first
+        for mode in order:
+            with switch.use(mode, model):
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_step(model, opt, batches, bf16, flush=mode == "cached")
+                t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[mode].append(t1 - t0)
+                cpu[mode].append(c1 - c0)
+    del model, opt
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def append_results(title: str, command: str, lines: list[str], note: str = "") -> None:
+    text = [f"\n## {title}\n", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+            f"- machine: {machine()}", f"- command: `{command}`"]
+    if note:
+        text.append(f"- {note}")
+    text += ["", *lines, ""]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
+    with RESULTS.open("a") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+def parse_quant(spec: str):
+    out = []
+    for item in spec.split(","):
+        bits, _, group = item.partition(":")
+        out.append((float(bits) if "." in bits else int(bits), None if group in ("", "row") else int(group)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="60m", help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--batch", default="1x256,4x512", help="micro-batch sizes, BxT, comma list")
+    p.add_argument("--precision", default="bf16,fp32", help="bf16 (autocast) and/or fp32")
+    p.add_argument("--quant", default="2:row,2:128,4:row,4:128", help="bits:group (row = per-row scales)")
+    p.add_argument("--modes", default="fp,ours,ref", help="comma list of " + ", ".join(MODES))
+    p.add_argument("--ga", type=int, default=1, help="gradient accumulation steps (micro-batches per step)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",")]
+    assert modes[0] == "fp" and all(m in MODES for m in modes), f"--modes must start with fp, from {MODES}"
+    header = ("| model | micro-batch | GA | precision | quant | FP step (wall / cpu) | "
+              + " | ".join(f"{m} / FP (wall, cpu)" for m in modes[1:]) + " |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    print(header, flush=True)
+    for shape in args.model.split(","):
+        for batch in args.batch.split(","):
+            for precision in args.precision.split(","):
+                for bits, group in parse_quant(args.quant):
+                    res = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
+                                  args.steps, args.warmup, args.checkpointing)
+                    fw, fc = res["fp"]
+                    cells = [f"{res[m][0] / fw:.3f}, {res[m][1] / fc:.3f}" for m in modes[1:]]
+                    line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
+                            f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
+                            + " | ".join(cells) + " |")
+                    lines.append(line)
+                    print(line, flush=True)
+    if not args.no_append:
+        cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
+                       note=f"median of {args.steps} steps after {args.warmup} warm-up, modes interleaved; "
+                            f"ratios = mode median / FP median in the same run"
+                            + ("; activation checkpointing" if args.checkpointing else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Forward + backward of the quantizer alone: paretoq against the reference, same outputs.
+
+One 4096×1024 and one 1024×4096 fp32 weight, per-row scales (the reference's layout), every bit
+width; g = ∂L/∂Ŵ in fp32 (``--grad bf16``: a bf16 g, as under autocast, where the reference gets
+it cast to fp32 and paretoq reads the bf16 directly). Each repetition runs the reference and
+paretoq back to back on fresh leaf tensors (order alternating) and asserts that Ŵ, ∂L/∂W and
+∂L/∂α are bit-identical (``torch.equal``). Figures: median wall and process-CPU time.
+
+    python benchmarks/quantizer_micro.py [--reps 9] [--threads 1] [--grad fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from qat_overhead import REF_CODE, append_results, load_reference
+
+from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
+
+SHAPES = [(4096, 1024), (1024, 4096)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grad", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ref = load_reference()
+
+    def run_ref(bits, W, A, G):
+        fn = ref.StretchedElasticQuant if REF_CODE[bits] in (0, 2) else ref.LsqBinaryTernaryExtension
+        w, a = W.clone().requires_grad_(), A.clone().requires_grad_()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn.apply(w, a, REF_CODE[bits], False).to(G.dtype)  # QuantizeLinear's .to(input dtype)
+        out.backward(G)  # a bf16 g arrives cast to fp32
+        return (time.perf_counter() - t0, time.process_time() - c0), (out.detach(), w.grad, a.grad)
+
+    def run_ours(bits, W, A, G):
+        w, a = W.clone().requires_grad_(), A.clone().requires_grad_()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fake_quantize(w, a, SCHEMES[bits], G.dtype)
+        out.backward(G)
+        return (time.perf_counter() - t0, time.process_time() - c0), (out.detach(), w.grad, a.grad)
+
+    header = "| weight | bits | reference fwd+bwd (wall / cpu) | paretoq (wall / cpu) | speed-up (wall, cpu) | equal |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    print(header, flush=True)
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        W = torch.randn(*shape) * 0.02
+        G = torch.randn(*shape).to(torch.bfloat16 if args.grad == "bf16" else torch.float32)
+        for bits in SCHEMES:
+            A = init_scale(W, SCHEMES[bits], None) * torch.empty(shape[0], 1).uniform_(0.5, 1.5)
+            times = {"ref": [], "ours": []}
+            for r in range(args.reps + 1):
+                pair = [("ref", run_ref), ("ours", run_ours)]
+                results = {}
+                for name, fn in (pair if r % 2 else pair[::-1]):
+                    t, results[name] = fn(bits, W, A, G)
+                    if r:  # the first repetition is warm-up
+                        times[name].append(t)
+                expected, got = results["ref"], results["ours"]
+                assert all(torch.equal(x, y) for x, y in zip(expected, got)), (shape, bits)
+            med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+            (rw, rc), (ow, oc) = med["ref"], med["ours"]
+            line = (f"| {shape[0]}×{shape[1]} | {bits} | {rw * 1e3:.1f} / {rc * 1e3:.1f} ms | {ow * 1e3:.1f} / "
+                    f"{oc * 1e3:.1f} ms | {rw / ow:.2f}×, {rc / oc:.2f}× | yes |")
+            lines.append(line)
+            print(line, flush=True)
+    if not args.no_append:
+        cmd = "python benchmarks/quantizer_micro.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        append_results(f"Quantizer forward+backward, paretoq vs reference (quantizer_micro.py, g in {args.grad})",
+                       cmd, lines, note=f"median of {args.reps} repetitions after 1 warm-up, alternating order; "
+                                        "Ŵ, ∂L/∂W, ∂L/∂α asserted bit-identical (torch.equal) in every repetition")
+
+
+if __name__ == "__main__":
+    main()
