@@ -17,7 +17,7 @@ from paretoq.quant.functional import SCHEMES, Scheme
 FORMAT_VERSION = 1
 QUANT_METHOD = "paretoq"
 OFF_BITS = (16, 32)
-SCALE_INITS = ("reference",)
+SCALE_INITS = ("reference", "mse", "mse_act", "gptq")  # the math: paretoq.quant.init
 
 # Default selection: every nn.Linear that lives inside a numbered block of a ModuleList
 # (``model.layers.3.self_attn.q_proj``) — the decoder layers of any HF causal LM — and never
@@ -64,7 +64,11 @@ class QuantConfig:
             quantized when it matches one of them and none of ``exclude``.
         exclude: regular expressions that veto a match.
         scale_init: "reference" (ParetoQ: mean|W| at 1 bit, max|W| at 1.58 and 2, max|W|/Qp at
-            3 and 4 bits, per row or per group).
+            3 and 4 bits, per row or per group); "mse" (per row/group search of α = r·α_ref
+            minimising ‖W − Ŵ‖²); "mse_act" (the same, each input column weighted by E[x²] from
+            calibration data — pass ``calibration_data`` to ``quantize_model``); "gptq" (mse_act
+            scales, then GPTQ-style error feedback rewrites the latent weights; calibration data
+            too). See :mod:`paretoq.quant.init`.
     """
 
     w_bits: float = 16

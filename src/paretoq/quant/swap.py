@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from paretoq.quant.config import QuantConfig
+from paretoq.quant import init as scale_init_lib
+from paretoq.quant.config import QuantConfig, QuantConfigError
 from paretoq.quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,17 @@ def selected_linears(model: nn.Module, config: QuantConfig) -> list[tuple[str, n
             if type(m) is nn.Linear and config.selects(n)]
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = True) -> QuantReport:
+def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = True,
+                   calibration_data=None) -> QuantReport:
     """Swap the selected Linear layers of ``model`` for ``QuantLinear``, in place.
 
     Every layer is checked before any is swapped, so a bad ``group_size`` leaves the model as it
-    was. Scales are initialised from the weights (``init_scales=True``) or left for a checkpoint
-    to fill. The model's ``config.quantization_config`` records the setting so that
-    ``save_pretrained`` / ``from_pretrained`` (after ``import paretoq``) round-trip it.
+    was. Scales are initialised from the weights (``init_scales=True``, by ``config.scale_init``)
+    or left for a checkpoint to fill. ``calibration_data`` (token ids, (num_blocks, block_len)) is
+    needed by ``scale_init="mse_act"`` / ``"gptq"``: the full-precision model runs on it once,
+    before the swap, to measure E[x²] (E[x xᵀ] for gptq) of each selected layer's input. The model's ``config.quantization_config``
+    records the setting so that ``save_pretrained`` / ``from_pretrained`` (after ``import
+    paretoq``) round-trip it.
     """
     report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
                          total_params=sum(p.numel() for p in model.parameters()))
@@ -63,15 +68,28 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     targets = selected_linears(model, config)
     for name, linear in targets:
         config.check_layer(name, linear.in_features)
+    stats = None
+    if init_scales and scale_init_lib.needs_calibration(config.scale_init) and targets:
+        if calibration_data is None:
+            raise QuantConfigError(
+                f"scale_init {config.scale_init!r} needs calibration data: pass calibration_data=<token ids "
+                "(blocks, length)> to quantize_model (paretoq train: --calibration_samples N), or use scale_init "
+                "'mse' / 'reference'")
+        stats = scale_init_lib.calibration_statistics(model, dict(targets), config.scale_init, calibration_data)
+    swapped = {}
     for name, linear in targets:
-        _set_module(model, name, QuantLinear.from_linear(linear, config, name=name, init=init_scales))
+        swapped[name] = QuantLinear.from_linear(linear, config, name=name, init=init_scales)
+        _set_module(model, name, swapped[name])
         report.layers.append(name)
         report.quantized_params += linear.weight.numel()
+    if init_scales:
+        scale_init_lib.initialize_scales(swapped, config.scale_init, stats)
     if not targets:
         logger.warning("quantize_model: no Linear layer matched include=%s exclude=%s", config.include, config.exclude)
     if hasattr(model, "config"):
         model.config.quantization_config = config.to_dict()
-    logger.info("%s", report)
+    # INFO for a real quantization; DEBUG when the layers are only rebuilt for loading a checkpoint
+    logger.log(logging.INFO if init_scales else logging.DEBUG, "%s", report)
     return report
 
 

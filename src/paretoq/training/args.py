@@ -38,6 +38,22 @@ class ModelArguments:
     qat: bool | None = field(default=None, metadata={"help": "accepted for ParetoQ/seed compatibility: QAT is on "
                                                               "whenever w_bits < 16"})
     scale_lr_multiplier: float = field(default=1.0, metadata={"help": "LR of the scales = learning_rate × this"})
+    # -- quality recipe (docs/quality.md) --
+    scale_init: str = field(default="reference", metadata={
+        "help": "scale init: reference (ParetoQ closed form) | mse (per row/group search minimising ||W-Q(W)||^2) | "
+                "mse_act (the same, input columns weighted by E[x^2] on --calibration_samples training blocks) | "
+                "gptq (mse_act scales + GPTQ error feedback on the latent weights; more calibration memory)"})
+    calibration_samples: int | None = field(default=None, metadata={
+        "help": "training blocks used as calibration data for --scale_init mse_act / gptq (default 16 then)"})
+    scale_learning_rate: float | None = field(default=None, metadata={
+        "help": "absolute LR of the scales (overrides --scale_lr_multiplier)"})
+    qat_start_fraction: float = field(default=0.0, metadata={
+        "help": "first fraction of the steps trains in full precision, then the model is quantized in place and "
+                "the LR schedule restarts with a fresh warm-up (0 = QAT from the start)"})
+    kd_weight: float = field(default=0.0, metadata={
+        "help": "knowledge distillation from the FP model: loss = (1-w)*CE + w*T^2*KL(teacher||student)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
+    kd_teacher_dtype: str = field(default="fp32", metadata={"help": "teacher weights: fp32 | bf16 (half the memory)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow code from the model folder (off)"})
 
 
@@ -75,7 +91,7 @@ class TrainConfig:
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size)
+        return QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size, scale_init=self.model.scale_init)
 
     @property
     def final_model_dir(self) -> str:
@@ -159,4 +175,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--model_max_length must be a positive number of tokens, got {cfg.data.model_max_length}")
     if cfg.model.scale_lr_multiplier <= 0:
         raise UserError(f"--scale_lr_multiplier must be positive, got {cfg.model.scale_lr_multiplier}")
+    from paretoq.training.recipe import validate_recipe_args
+
+    validate_recipe_args(cfg)
     cfg.quant  # validates --w_bits / --group_size (QuantConfigError is a UserError)
