@@ -169,7 +169,10 @@ def skeleton(info: ModelFolder, dtype: torch.dtype | None = None, trust_remote_c
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with torch.device("meta"):
+    # A meta-device skeleton is never partitioned: keep DeepSpeed ZeRO-3's zero.Init out of it.
+    from transformers.modeling_utils import set_zero3_state
+
+    with torch.device("meta"), set_zero3_state():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     qc = info.quantization_config
     if qc and qc.get("quant_method") == "paretoq":

@@ -23,6 +23,15 @@ def make_parser() -> ArgumentParser:
                    help="packed, 1.58 bits: 2-bit codes (4 per byte) or base-3 (5 per byte)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="packed / hf: dtype of the unquantized tensors (hf: of all tensors); default bf16")
+    p.add_argument("--gguf_qtype", default=None,
+                   help="gguf: force one GGML type for every quantized layer (e.g. TQ1_0, TQ2_0, Q2_K, Q3_K, Q4_0); "
+                        "default: the first exact one per layer (docs/gguf.md)")
+    p.add_argument("--gguf_fallback", default="refuse", choices=("refuse", "f16"),
+                   help="gguf: what to do with a layer no GGML type holds exactly: refuse (default) or write its "
+                        "dequantized weight as F16")
+    p.add_argument("--gguf_float_type", default="f16", choices=("f16", "f32", "bf16", "q8_0"),
+                   help="gguf: type of the embeddings / untied output (norms stay F32)")
+    p.add_argument("--tokenizer_pre", default=None, help="gguf: llama.cpp pre-tokenizer name, if not recognised")
     return p
 
 
@@ -41,7 +50,8 @@ def main(argv: list[str]) -> int:
     if args.format == "gguf":
         from paretoq.export.gguf import export_gguf
 
-        written = export_gguf(model, output)
+        written = export_gguf(model, output, qtype=args.gguf_qtype, fallback=args.gguf_fallback,
+                              float_type=args.gguf_float_type, tokenizer_pre=args.tokenizer_pre)
     elif args.format == "packed":
         from paretoq.export.packed import save_packed
 

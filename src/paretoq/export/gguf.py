@@ -256,10 +256,10 @@ def _choose(name: str, q: _Quantized, order: tuple[str, ...], fallback: str) -> 
         why = (f"{bt.name} cannot hold {q.bits}-bit levels (integers {list(q.grid)})" if not bt.holds(q.grid) else
                f"{bt.name} blocks of {bt.block} need in_features ({n}) and the scale group ({scales}) to be "
                f"multiples of {bt.block}")
-        raise UserError(f"GGUF export: layer {name}: {why}; omit qtype to let paretoq choose, or pass fallback='f16'")
+        raise UserError(f"GGUF export: layer {name}: {why}; omit qtype (--gguf_qtype) to let paretoq choose, or pass fallback='f16' (--gguf_fallback f16)")
     raise UserError(f"GGUF export: layer {name} ({q.bits}-bit, {scales}, in_features {n}) fits none of "
                     f"{', '.join(order)} exactly: the scale must be constant over blocks of 32 (Q4_0) or 256 "
-                    "(TQ/K types); train with group_size a multiple of 32 (or per-row scales), or pass fallback='f16'")
+                    "(TQ/K types); train with group_size a multiple of 32 (or per-row scales), or pass fallback='f16' (--gguf_fallback f16)")
 
 
 def _encode(q: _Quantized, bt: BlockType) -> tuple[np.ndarray, float]:
