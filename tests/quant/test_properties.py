@@ -107,3 +107,12 @@ def test_repeated_group_scales_equal_per_row(bits, data, groups):
     per_group = fake_quantize(w, row_alpha.repeat(1, groups), scheme)
     assert torch.equal(per_row, per_group)
     assert torch.equal(quantize_codes(w, row_alpha, scheme), quantize_codes(w, row_alpha.repeat(1, groups), scheme))
+
+
+def test_binary_codes_of_a_denormal_weight_follow_the_forward():
+    """Found by hypothesis: W = -1.4e-45 with α = 2 — W/α underflows to -0, but Ŵ = α·sign(W) = -2."""
+    w = torch.tensor([[-1.4013e-45, 3e-45]])
+    alpha = torch.tensor([[2.0]])
+    scheme = SCHEMES[1]
+    assert fake_quantize(w, alpha, scheme).tolist() == [[-2.0, 2.0]]
+    assert quantize_codes(w, alpha, scheme).tolist() == [[0, 1]]

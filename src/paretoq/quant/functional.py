@@ -341,7 +341,8 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme) ->
     """Integer codes (uint8, shape of ``weight``) of the fake-quantized weight."""
     w, a = _grouped(weight.float(), scale.float())
     a = a.clamp_min(SCALE_EPS)
-    return scheme.to_codes(scheme.quantize(w / a)).reshape(weight.shape)
+    # the forward's own path (binary takes sign(W), not sign(W/α̃), which underflows for denormal W)
+    return scheme.to_codes(scheme.quantize_scaled(w, a)).reshape(weight.shape)
 
 
 @torch.no_grad()
