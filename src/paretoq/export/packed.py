@@ -40,6 +40,7 @@ from paretoq.errors import ModelFolderError, UserError
 from paretoq.quant.config import QuantConfig, QuantConfigError, parse_bits
 from paretoq.quant.functional import SCALE_EPS, SCHEMES, Scheme, dequantize_codes, quantize_codes
 from paretoq.quant.linear import QuantLinear
+from paretoq.quant.swap import set_module
 from paretoq.quant.packing import (pack_codes, pack_ternary_base3, packed_numel, packed_numel_base3, unpack_codes,
                                    unpack_ternary_base3)
 
@@ -265,11 +266,6 @@ class PackedLinear(nn.Module):
 
 
 # -- model surgery ---------------------------------------------------------------------------
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def packed_settings(quantization_config: Any) -> tuple[torch.dtype, str]:
     """(scale dtype, ternary format) recorded in a packed folder's ``quantization_config``."""
     d = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config or {})
@@ -305,7 +301,7 @@ def replace_with_packed(model: nn.Module, quant_config: QuantConfig | dict, *, s
         quant_config.check_layer(name, linear.in_features)
     for name, linear in targets:
         bias = linear.bias
-        _set_module(model, name, PackedLinear(
+        set_module(model, name, PackedLinear(
             linear.in_features, linear.out_features, bias=bias is not None, bits=quant_config.w_bits,
             group_size=quant_config.group_size, ternary_format=ternary_format, scale_dtype=scale_dtype,
             dtype=None if bias is None else bias.dtype, device=linear.weight.device))
@@ -340,7 +336,7 @@ def pack_model(model: nn.Module, scale_dtype=torch.float16, ternary_format: str 
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_module(model, name, PackedLinear.from_quant_linear(module, scale_dtype, ternary_format))
+            set_module(model, name, PackedLinear.from_quant_linear(module, scale_dtype, ternary_format))
             names.append(name)
     if hasattr(model, "config"):
         model.config.quantization_config = packed_quantization_config(qc, scale_dtype, ternary_format)

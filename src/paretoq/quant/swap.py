@@ -38,7 +38,8 @@ class QuantReport:
                 f"{self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (e.g. ``model.layers.0.mlp.up_proj``) by ``module``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -79,7 +80,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     swapped = {}
     for name, linear in targets:
         swapped[name] = QuantLinear.from_linear(linear, config, name=name, init=init_scales)
-        _set_module(model, name, swapped[name])
+        set_module(model, name, swapped[name])
         report.layers.append(name)
         report.quantized_params += linear.weight.numel()
     if init_scales:
@@ -97,7 +98,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Bake the fake-quantized weights into plain ``nn.Linear`` layers, in place; returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_module(model, name, module.to_linear())
+            set_module(model, name, module.to_linear())
     if hasattr(model, "config") and getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model
