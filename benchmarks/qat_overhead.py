@@ -20,7 +20,7 @@ jobs steal wall time, not CPU time), the threads default to 1 for the same reaso
 every parallel op waits on a preempted partner thread).
 
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
-    python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:128
+    python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
     python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,cached,ref
 """
 
