@@ -140,7 +140,11 @@ def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
 
 
 def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False):
-    """{mode: (median wall s, median cpu s)} with the modes' steps interleaved round by round."""
+    """Median step times {mode: (wall s, cpu s)} and ratios {mode: (wall, cpu)} to the FP step.
+
+    The modes' steps are interleaved round by round; a ratio is the median over rounds of
+    (mode step / FP step of the same round), which follows the machine's load as it drifts.
+    """
     model = build_model(shape, bits, group_size)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -160,7 +164,12 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
                 wall[mode].append(t1 - t0)
                 cpu[mode].append(c1 - c0)
     del model, opt
-    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
+    times = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
+    def ratio(samples, base):
+        return statistics.median(s / b for s, b in zip(samples, base))
+
+    ratios = {m: (ratio(wall[m], wall["fp"]), ratio(cpu[m], cpu["fp"])) for m in modes}
+    return times, ratios
 
 
 def machine() -> str:
@@ -222,10 +231,10 @@ def main(argv=None):
         for batch in args.batch.split(","):
             for precision in args.precision.split(","):
                 for bits, group in parse_quant(args.quant):
-                    res = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
-                                  args.steps, args.warmup, args.checkpointing)
-                    fw, fc = res["fp"]
-                    cells = [f"{res[m][0] / fw:.3f}, {res[m][1] / fc:.3f}" for m in modes[1:]]
+                    times, ratios = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
+                                            args.steps, args.warmup, args.checkpointing)
+                    fw, fc = times["fp"]
+                    cells = [f"{ratios[m][0]:.3f}, {ratios[m][1]:.3f}" for m in modes[1:]]
                     line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
                             f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
                             + " | ".join(cells) + " |")
@@ -234,8 +243,8 @@ def main(argv=None):
     if not args.no_append:
         cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
-                       note=f"median of {args.steps} steps after {args.warmup} warm-up, modes interleaved; "
-                            f"ratios = mode median / FP median in the same run"
+                       note=f"{args.steps} steps per mode after {args.warmup} warm-up, modes interleaved round by "
+                            f"round; FP = median step time; ratio = median over rounds of (mode step / FP step)"
                             + ("; activation checkpointing" if args.checkpointing else ""))
 
 
