@@ -184,19 +184,22 @@ def run_qat(a) -> None:
             row["recipe"] = f"fp32 master + bf16 autocast, LR {FP_LR}, 10% warm-up, cosine"
         else:
             lr = a.lr or OURS_LR[bits]
+            recipe = f"fp32 master + bf16 autocast, {a.ours_init} init, LR {lr}, 10% warm-up, cosine"
             extra = ["--bf16", "true", "--learning_rate", str(lr), "--warmup_steps", "0.1",
                      "--scale_init", a.ours_init, "--calibration_samples", str(a.calibration_samples)]
             if a.qat_group:
                 extra += ["--group_size", str(a.qat_group)]
-            recipe = f"fp32 master + bf16 autocast, {a.ours_init} init, LR {lr}, 10% warm-up, cosine"
+            if a.qat_start_fraction:
+                extra += ["--qat_start_fraction", str(a.qat_start_fraction)]
+                recipe += f", FP phase {a.qat_start_fraction:.0%} then QAT (re-warm-up)"
             if variant == "ours_kd":
                 extra += ["--kd_weight", str(a.kd_weight), "--kd_temperature", "1", "--kd_teacher_dtype", "bf16"]
                 recipe += f", KD w={a.kd_weight} T=1 (bf16 teacher)"
             row = _cli_run(a, variant if not a.tag else f"{variant}-{a.tag}", bits, extra)
             row["recipe"] = recipe
         record(a.results, {"exp": "qat", "variant": variant if not a.tag else f"{variant}-{a.tag}", "bits": bits,
-                           "group": a.qat_group if variant.startswith("ours") else None, "steps": a.steps, "tokens": a.steps * a.batch * BLOCK, **row,
-                           "wall_seconds": round(time.perf_counter() - t0, 1)})
+                           "group": a.qat_group if variant.startswith("ours") else None, "steps": a.steps,
+                           "tokens": a.steps * a.batch * BLOCK, **row, "wall_seconds": round(time.perf_counter() - t0, 1)})
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -274,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="qat: override the LR of 'ours'")
     p.add_argument("--ours_init", default="gptq")
     p.add_argument("--kd_weight", type=float, default=0.5)
+    p.add_argument("--qat_start_fraction", type=float, default=0.0, help="qat: FP phase for 'ours'")
     p.add_argument("--qat_group", type=int, default=None, help="qat: group size for 'ours' (default per row)")
     p.add_argument("--tag", default="", help="qat: suffix for variant names (LR probes)")
     p.add_argument("--workdir", default="/tmp/quality-runs")
