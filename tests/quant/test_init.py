@@ -235,3 +235,19 @@ def test_full_statistics_are_shared_by_siblings_and_match_a_hand_computation():
     assert torch.allclose(q, x.T @ x / len(x), rtol=1e-4, atol=1e-6)
     assert torch.allclose(torch.diagonal(q), input_second_moments(model, mods, ids)["model.layers.0.self_attn.q_proj"],
                           rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_stay_fp32_under_autocast():
+    """Mid-training the forward runs under bf16 autocast: E[x xᵀ] must still be accumulated in fp32."""
+    model = tiny_llama(layers=1, hidden=32, vocab=64)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    down = model.model.layers[0].mlp.down_proj
+    seen = []
+    hd = down.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+        stats = input_statistics(model, {"down": down}, ids, batch_size=4, full=True)
+    hd.remove()
+    x = seen[0].float()
+    assert torch.allclose(stats["down"], x.T @ x / len(x), rtol=1e-5, atol=1e-7)
+    torch.linalg.cholesky(stats["down"] + 1e-3 * torch.eye(len(x.T)) * stats["down"].diagonal().mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -290,3 +291,13 @@ def test_resume_with_another_qat_start_is_refused_clearly(tmp_path):
     with pytest.raises(UserError, match="quantized at step 2, before this run's QAT start"):
         run_training(parse_train_args(_argv(out, 2, "--qat_start_fraction", "0.75", "--max_steps", "4",
                                             "--save_strategy", "steps", "--save_steps", "2")))
+
+
+def test_gptq_init_at_a_mid_run_switch_under_bf16_autocast(tmp_path):
+    """At the switch the forward runs under the Trainer's bf16 autocast; the calibration must cope."""
+    watch = _Watch()
+    out = tmp_path / "run"
+    run_training(parse_train_args(_argv(out, 3, "--qat_start_fraction", "0.5", "--scale_init", "gptq",
+                                        "--calibration_samples", "4", "--bf16", "true")), callbacks=[watch])
+    assert watch.quantized == [0, 0, FIXTURE_LAYERS, FIXTURE_LAYERS]
+    assert all(math.isfinite(loss) for _, loss in _losses(out))

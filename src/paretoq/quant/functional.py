@@ -90,9 +90,13 @@ class Scheme(ABC):
         """Normalised quantized value q(x) (the forward without the α̃ factor), a new tensor."""
         return self.quantize_(x.clamp(self.lo, self.hi), x)
 
+    def quantize_scaled_(self, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """q(W/α̃), computed in the fp32 buffer ``x`` (the forward pass)."""
+        return self.quantize_(torch.div(w, a, out=x).clamp_(self.lo, self.hi), w)
+
     def quantize_scaled(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """q(W/α̃) as a new fp32 tensor, for the forward pass."""
-        return self.quantize_((w / a).clamp_(self.lo, self.hi), w)
+        """q(W/α̃) as a new fp32 tensor."""
+        return self.quantize_scaled_(torch.empty_like(w, dtype=torch.float32), w, a)
 
     def to_codes(self, q: torch.Tensor) -> torch.Tensor:
         """Map normalised levels (output of ``quantize``) to integer codes 0..n_levels-1."""
@@ -129,8 +133,8 @@ class Binary(Scheme):
     def quantize_(self, c, w):
         return torch.sign(w, out=c)
 
-    def quantize_scaled(self, w, a):
-        return w.sign()
+    def quantize_scaled_(self, x, w, a):
+        return torch.sign(w, out=x)
 
     def coefficient_(self, q, x, mask):
         return q  # sign(W), unmasked
@@ -253,17 +257,21 @@ def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 BLOCK_ELEMENTS = 1 << 17
-"""On CPU, rows are processed in blocks of about this many elements: a block's few temporaries stay
-in the L2 cache across the ~12 elementwise passes instead of streaming whole matrices through
-memory at each pass, and stay small enough for malloc to reuse them without page faults. Per-row
-results do not depend on the blocking (tests compare 4096×1024 weights with the reference)."""
+"""On CPU, rows are processed in blocks of about this many elements, in a few scratch buffers made
+once per call: they stay in the L2 cache across the ~12 elementwise passes instead of streaming
+whole matrices through memory at each pass, and need no fresh (page-faulting) memory per pass.
+Per-row results do not depend on the blocking (``tests/quant/test_cache.py``; and
+``benchmarks/quantizer_micro.py`` compares 4096×1024 weights with the reference bit for bit)."""
 
 
-def _row_blocks(w: torch.Tensor) -> list[slice]:
-    if w.device.type != "cpu":  # accelerators: one launch per op beats cache blocking
-        return [slice(None)]
-    rows = max(1, BLOCK_ELEMENTS // (w.numel() // w.shape[0]))
-    return [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+def _row_blocks(w: torch.Tensor, buffers: int):
+    """Yield (rows, scratch): a slice of rows of ``w`` and ``buffers`` fp32 tensors shaped like
+    ``w[rows]``, the same memory block after block. Accelerators get one block (one launch per op)."""
+    rows = w.shape[0] if w.device.type != "cpu" else max(1, BLOCK_ELEMENTS // (w.numel() // w.shape[0]))
+    scratch = torch.empty((buffers, min(rows, w.shape[0]), *w.shape[1:]), dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        n = min(rows, w.shape[0] - i)
+        yield slice(i, i + n), scratch[:, :n].unbind(0)
 
 
 @torch.no_grad()
@@ -274,8 +282,8 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, d
     """
     w, a = _grouped(weight, scale)
     out = torch.empty(w.shape, dtype=dtype or weight.dtype, device=weight.device)
-    for rows in _row_blocks(w):
-        torch.mul(scheme.quantize_scaled(w[rows], a[rows]), a[rows], out=out[rows])
+    for rows, (x,) in _row_blocks(w, 1):
+        torch.mul(scheme.quantize_scaled_(x, w[rows], a[rows]), a[rows], out=out[rows])
     return out.reshape(weight.shape)
 
 
@@ -295,11 +303,12 @@ def quantize_backward(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme,
     inplace = inplace and g.dtype == w.dtype
     grad_weight = (g if inplace else torch.empty_like(w)) if weight_grad else None
     grad_scale = torch.empty(a.shape, dtype=a.dtype, device=a.device) if scale_grad else None
-    for rows in _row_blocks(w):
-        wb, ab, gb = w[rows], a[rows], g[rows].to(w.dtype)
-        x = wb / ab
-        c = x.clamp(scheme.lo, scheme.hi)
-        mask = torch.eq(c, x, out=torch.empty_like(c))  # M: 1.0 inside [lo, hi], 0.0 outside (and nan)
+    for rows, (x, c, mask, g32) in _row_blocks(w, 4):
+        wb, ab = w[rows], a[rows]
+        gb = g[rows] if g.dtype == w.dtype else g32.copy_(g[rows])
+        torch.div(wb, ab, out=x)
+        torch.clamp(x, scheme.lo, scheme.hi, out=c)
+        torch.eq(c, x, out=mask)  # M: 1.0 inside [lo, hi], 0.0 outside (and for nan)
         if scale_grad:
             coef = scheme.coefficient_(scheme.quantize_(c, wb), x, mask)
             torch.sum(coef.mul_(gb).mul_(s_g), dim=-1, keepdim=True, out=grad_scale[rows])

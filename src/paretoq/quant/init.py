@@ -166,7 +166,9 @@ def input_statistics(model: nn.Module, modules: Mapping[str, nn.Module], calibra
             if name in alias:
                 return
             flat = x.reshape(-1, x.shape[-1]).float()
-            acc = flat.T @ flat if full else flat.square().sum(dim=0)
+            # fp32 even when the forward runs under autocast (mid-training: accelerate wraps forward)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                acc = flat.T @ flat if full else flat.square().sum(dim=0)
             if name in sums:
                 sums[name] += acc
             else:
