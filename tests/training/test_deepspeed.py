@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 smoke test on CPU: one launch, two optimizer steps, outputs that reload."""
+"""DeepSpeed on CPU: a ZeRO-2 smoke test, and ZeRO-3 (2 processes) against one process."""
 
 from __future__ import annotations
 
@@ -32,6 +32,36 @@ def test_zero2_trains_and_saves_scales(tmp_path):
     assert (out / "checkpoint-2").is_dir()
     from transformers import AutoModelForCausalLM
 
+    import paretoq  # noqa: F401 -- registers the MiniCPM classes and the "paretoq" quantizer
     model = AutoModelForCausalLM.from_pretrained(out)
     scale = model.model.layers[0].self_attn.q_proj.weight_clip_val
     assert scale.shape == (128, 1) and torch.isfinite(scale).all() and (scale > 0).all()
+
+
+
+def test_zero3_two_processes_match_one_process_and_consolidate_the_scales(tmp_path):
+    """ZeRO-3 partitions the weights while loading; the scales must still be initialised from the
+    whole weights, train like a single process with the same global batch, and come back whole in
+    the saved model and checkpoint."""
+    pytest.importorskip("deepspeed", reason="installed by `make test` (extra paretoq[deepspeed])")
+    from test_distributed import assert_sharded_run_matches_single_process
+
+    assert_sharded_run_matches_single_process(tmp_path, "z3", 29543, [
+        "--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"), "--optim", "adamw_torch"])
+
+
+def test_zero3_refuses_distillation_in_one_line(tmp_path):
+    """Started without a launcher the run is a world of one; KD under ZeRO-3 stops before writing."""
+    pytest.importorskip("deepspeed", reason="installed by `make test` (extra paretoq[deepspeed])")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    out = tmp_path / "kd"
+    run = subprocess.run([sys.executable, "-m", "paretoq", "train", "--input_model_filename", str(FIXTURE),
+                          "--train_data_local_path", str(TEXT / "kjv_train.jsonl"), "--w_bits", "2", "--output_dir", str(out),
+                          "--model_max_length", "32", "--max_steps", "2", "--report_to", "none",
+                          "--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"), "--kd_weight", "0.5"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "paretoq train: error: --kd_weight needs a whole FP teacher copy on every rank, which DeepSpeed ZeRO-3 "
+        "cannot shard: use configs/deepspeed_zero2.json (or DDP) for distillation")
+    assert not out.exists()

@@ -256,14 +256,19 @@ def prepare_model(model, cfg, train_blocks: torch.Tensor, resume: str | None):
     Returns ``(report, teacher, calibration)``; ``report`` is None while the model stays FP.
     """
     from paretoq.training.distill import make_teacher
+    from paretoq.training.sharding import full_weights, zero3_enabled
 
     m = cfg.model
+    if zero3_enabled() and m.kd_weight > 0:
+        raise UserError("--kd_weight needs a whole FP teacher copy on every rank, which DeepSpeed ZeRO-3 cannot "
+                        "shard: use configs/deepspeed_zero2.json (or DDP) for distillation")
     teacher = make_teacher(model, m.kd_teacher_dtype) if m.kd_weight > 0 else None
     calibration = calibration_blocks(train_blocks, m.calibration_samples, cfg.training.seed) \
         if needs_calibration(cfg.quant.scale_init) else None
     report = None
     if m.qat_start_fraction == 0 or checkpoint_is_quantized(resume):
-        report = quantize_model(model, cfg.quant, calibration_data=calibration)  # logs the report
+        with full_weights(model):  # ZeRO-3 has partitioned the loaded weights (training/sharding.py)
+            report = quantize_model(model, cfg.quant, calibration_data=calibration)  # logs the report
     else:
         logger.info("full-precision phase first: QAT starts after %.0f%% of the steps", 100 * m.qat_start_fraction)
     return report, teacher, calibration

@@ -23,6 +23,7 @@ from paretoq.training.checkpointing import (check_checkpoint_files, latest_compl
                                             remove_leftovers)
 from paretoq.training.preflight import check_model_folder, check_output_dir, held_logs
 from paretoq.training.recipe import RecipeTrainer, prepare_model, recipe_trainer_kwargs
+from paretoq.training.sharding import connect_deepspeed
 from paretoq.training.trainer import LossPlotCallback, perplexity
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
         prepare_output_dir(args.output_dir)
         os.environ["TENSORBOARD_LOGGING_DIR"] = cfg.run.logging_dir or os.path.join(args.output_dir, "logs")
         set_seed(args.seed)
+        connect_deepspeed(args)
         model = _load_model(cfg)
         report, teacher, calibration = prepare_model(model, cfg, train_ds.blocks, resume)  # quantize (logs it)
     if args.should_save:
