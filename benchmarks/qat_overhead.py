@@ -7,6 +7,8 @@ rotating order in each mode, so every ratio compares steps taken a few seconds a
 - ``ours``   — ``QuantLinear`` (paretoq's quantizer, Ŵ computed every forward);
 - ``cached`` — ``QuantLinear`` with the fake-quant cache (Ŵ once per optimizer step, its gradient
   pushed through the quantizer once: what ``QATTrainer`` does in a single process);
+- ``compiled`` / ``compiled_cached`` — the same two with the fused quantizer kernels
+  (``paretoq.quant.compiled``, ``paretoq train --compile_quantizer``; compiled during warm-up);
 - ``ref``    — the reference quantizer (torchao 0.18's ParetoQ prototype, loaded from ``.oracle/``)
   in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
   (m·G, g) rows, which is the same math.
@@ -50,7 +52,7 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
-MODES = ("fp", "ours", "cached", "ref")
+MODES = ("fp", "ours", "cached", "compiled", "compiled_cached", "ref")
 
 
 def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
@@ -102,21 +104,26 @@ class Modes:
         from paretoq.quant.linear import QuantLinear
 
         self.cls = QuantLinear
-        self.forwards = {"fp": fp_forward, "ours": QuantLinear.forward, "cached": QuantLinear.forward}
+        self.forwards = {"fp": fp_forward, "ours": QuantLinear.forward, "cached": QuantLinear.forward,
+                         "compiled": QuantLinear.forward, "compiled_cached": QuantLinear.forward}
         if ORACLE.is_file():
             self.forwards["ref"] = reference_forward(load_reference())
 
     @contextlib.contextmanager
     def use(self, mode: str, model):
+        from paretoq.quant import compiled
         from paretoq.quant.linear import set_fake_quant_cache
 
         original = self.cls.forward
         self.cls.forward = self.forwards[mode]
-        set_fake_quant_cache(model, mode == "cached")
+        set_fake_quant_cache(model, mode.endswith("cached"))
+        if mode.startswith("compiled"):
+            compiled.functional._FUSED = self.fused = getattr(self, "fused", None) or compiled.CompiledQuantizer()
         try:
             yield
         finally:
             set_fake_quant_cache(model, False)
+            compiled.enable(False)
             self.cls.forward = original
 
 
@@ -158,7 +165,7 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
         for mode in order:
             with switch.use(mode, model):
                 t0, c0 = time.perf_counter(), time.process_time()
-                train_step(model, opt, batches, bf16, flush=mode == "cached")
+                train_step(model, opt, batches, bf16, flush=mode.endswith("cached"))
                 t1, c1 = time.perf_counter(), time.process_time()
             if r >= warmup:
                 wall[mode].append(t1 - t0)

@@ -256,6 +256,9 @@ def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
     return weight.reshape(m, groups, n // groups), scale.unsqueeze(-1)
 
 
+_FUSED = None
+"""The fused kernels of ``paretoq.quant.compiled`` when switched on there (``enable``), else None."""
+
 BLOCK_ELEMENTS = 1 << 17
 """On CPU, rows are processed in blocks of about this many elements, in a few scratch buffers made
 once per call: they stay in the L2 cache across the ~12 elementwise passes instead of streaming
@@ -280,6 +283,8 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, d
 
     The fp32 product is rounded once to ``dtype``: the same bits as ``Ŵ.to(dtype)``, one pass fewer.
     """
+    if _FUSED is not None:
+        return _FUSED.forward(weight, scale, scheme, dtype or weight.dtype)
     w, a = _grouped(weight, scale)
     out = torch.empty(w.shape, dtype=dtype or weight.dtype, device=weight.device)
     for rows, (x,) in _row_blocks(w, 1):
@@ -297,6 +302,8 @@ def quantize_backward(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme,
     in place, the coefficient in place, ·g, ·s_g, row sum, M·g — each value rounded as the
     reference rounds it. Every operand is fp32: mixed-dtype and bool operands take slow paths on CPU.
     """
+    if _FUSED is not None:
+        return _FUSED.backward(weight, scale, scheme, grad, weight_grad, scale_grad)
     w, a = _grouped(weight, scale)
     g = grad.reshape(w.shape)
     s_g = 1.0 / math.sqrt(weight.numel() * scheme.grad_qp)

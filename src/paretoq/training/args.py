@@ -72,6 +72,9 @@ class RunArguments:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir "
                                                           "(re-running the same command does so too)"})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/logs)"})
+    compile_quantizer: bool = field(default=False, metadata={
+        "help": "fused quantizer kernels via torch.compile: same Ŵ and ∂W bits, a few seconds of compiling, "
+                "faster steps (paretoq/quant/compiled.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)

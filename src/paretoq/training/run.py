@@ -96,6 +96,19 @@ def _removed_on_user_error(path: str, created: bool):
 
 def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
+    from paretoq.quant import compiled
+
+    was_compiled = compiled.enabled()
+    if cfg.run.compile_quantizer and not was_compiled:
+        compiled.enable(True)
+    try:
+        return _run_training(cfg, callbacks)
+    finally:
+        if compiled.enabled() != was_compiled:
+            compiled.enable(was_compiled)
+
+
+def _run_training(cfg: TrainConfig, callbacks) -> dict:
     args = cfg.training
     # Cheap checks first (nothing written, no weights read), then the data (every line is checked
     # while it is tokenised), then the weights: a user's mistake ends in one line and no output.
