@@ -301,3 +301,20 @@ def test_gptq_init_at_a_mid_run_switch_under_bf16_autocast(tmp_path):
                                         "--calibration_samples", "4", "--bf16", "true")), callbacks=[watch])
     assert watch.quantized == [0, 0, FIXTURE_LAYERS, FIXTURE_LAYERS]
     assert all(math.isfinite(loss) for _, loss in _losses(out))
+
+
+def test_compile_quantizer_trains_like_the_eager_quantizer(tmp_path):
+    """--compile_quantizer: same Ŵ and ∂W bits, ∂α to summation order, so 4 steps track the eager
+    run closely; the switch is off again after the run."""
+    from paretoq.quant import compiled
+
+    eager, fused = tmp_path / "eager", tmp_path / "fused"
+    run_training(parse_train_args(_argv(eager, 2)))
+    run_training(parse_train_args(_argv(fused, 2, "--compile_quantizer", "true")))
+    assert not compiled.enabled()
+    a, b = _losses(eager), _losses(fused)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    assert [l for _, l in a] == pytest.approx([l for _, l in b], abs=1e-4)
+    wa, wb = load_file(eager / "model.safetensors"), load_file(fused / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
