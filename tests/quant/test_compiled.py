@@ -57,3 +57,24 @@ def test_compile_failure_falls_back_to_eager_once(fused, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "compiled quantizer unavailable (RuntimeError: no C++ compiler); using the eager quantizer"]
     assert torch.equal(out, fake_quantize(w, a, SCHEMES[2]))
+
+
+def test_layers_of_many_shapes_share_one_compilation(fused):
+    """Parameters go in detached: Dynamo would otherwise specialise on each parameter's shape and,
+    past its recompile limit, silently run the eager code."""
+    import torch._dynamo
+
+    scheme = SCHEMES[2]
+
+    def step(rows, cols):
+        w = torch.nn.Parameter(torch.randn(rows, cols) * 0.05)
+        a = torch.nn.Parameter(init_scale(w.detach(), scheme, None))
+        fake_quantize(w, a, scheme).sum().backward()
+        assert w.grad is not None and a.grad is not None
+
+    step(24, 40)  # the one compilation of forward and backward
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, cols in ((48, 64), (64, 48), (96, 32), (40, 200), (200, 40), (128, 128), (56, 88),
+                           (88, 56), (72, 24), (24, 72)):
+            step(rows, cols)
+    assert compiled.enabled()  # a recompile would have raised, and the quantizer fallen back to eager

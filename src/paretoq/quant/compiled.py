@@ -9,7 +9,10 @@ whole training steps).
 The kernels are traced from the scheme objects' own methods, so the math stays in
 ``functional.py``. Ŵ and ∂L/∂W are bit-identical to the eager path; ∂L/∂α sums the same products
 in another order (≤ 2e-7 relative; ``tests/quant/test_compiled.py``). Shapes are dynamic: one
-compilation per scheme and compute dtype (a few seconds each, cached on disk by PyTorch).
+compilation per scheme and compute dtype (a few seconds each, cached on disk by PyTorch). The
+weights and scales go in detached: Dynamo specialises on the shape of every ``nn.Parameter`` it
+sees, which would compile once per distinct layer shape and, past its recompile limit (8), fall
+back to eager without a word.
 
 ``enable(True)`` switches every ``fake_quantize`` (and the fake-quant cache's flush) to these
 kernels; ``paretoq train --compile_quantizer`` does it for a run. If compiling fails (no C++
@@ -58,7 +61,7 @@ class CompiledQuantizer:
     @torch.no_grad()
     def forward(self, weight, scale, scheme, dtype):
         try:
-            return self.forward_fn(weight, scale, scheme, dtype)
+            return self.forward_fn(weight.detach(), scale.detach(), scheme, dtype)
         except Exception as e:  # noqa: BLE001 -- any compile failure: fall back, same numbers
             self._fallback(e)
             return functional.quantize_weight(weight, scale, scheme, dtype)
@@ -67,7 +70,7 @@ class CompiledQuantizer:
     def backward(self, weight, scale, scheme, grad, weight_grad, scale_grad):
         s_g = torch.tensor(1.0 / (weight.numel() * scheme.grad_qp) ** 0.5, dtype=torch.float32, device=weight.device)
         try:
-            gw, ga = self.backward_fn(weight, scale, scheme, grad, s_g)
+            gw, ga = self.backward_fn(weight.detach(), scale.detach(), scheme, grad, s_g)
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
             return functional.quantize_backward(weight, scale, scheme, grad, weight_grad=weight_grad,
