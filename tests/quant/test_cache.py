@@ -129,8 +129,9 @@ def test_eval_mode_and_disabled_cache_do_not_cache(monkeypatch):
     assert calls == [] and layer._cache_weight is None
     layer.train()
     set_fake_quant_cache(layer, False)
-    layer(torch.randn(2, 64)).sum().backward()
-    assert calls == [] and layer.weight.grad is not None
+    layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    # uncached fp32: Ŵ made in forward and made again in backward for ∂L/∂x (not kept), no cache built
+    assert calls == [1, 1] and layer._cache_weight is None and layer.weight.grad is not None
 
 
 def test_disabling_flushes_pending_gradients():
@@ -217,3 +218,15 @@ def test_trainer_cache_gives_the_uncached_gradients(tmp_path, bits):
     assert got.keys() == ref.keys() and sum(k.endswith("weight_clip_val") for k in got) == 14
     for k in ref:  # clipped to the same norm: the flush ran before gradient clipping
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("ga,checkpointing,expected", [(1, False, False), (2, False, True), (1, True, True)])
+def test_trainer_caches_only_where_it_saves_work(tmp_path, ga, checkpointing, expected):
+    model = tiny_llama(layers=1, hidden=32, vocab=64, seed=1).train()
+    quantize_model(model, QuantConfig(w_bits=2))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=ga,
+                             gradient_checkpointing=checkpointing, max_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True)
+    trainer = QATTrainer(model=model, args=args, train_dataset=[], data_collator=default_data_collator)
+    assert trainer.fake_quant_cache is expected
+    assert {m.cache_quantized_weight for m in model.modules() if isinstance(m, QuantLinear)} == {expected}

@@ -265,7 +265,7 @@ def test_kd_gradient_accumulation_is_exact(tmp_path):
 def test_kd_pulls_the_student_towards_the_teacher(tmp_path):
     """Full KD (w = 1) from the FP model lowers KL(teacher‖student) over a few steps."""
     trainer, model, teacher, inputs = _kd_setup(tmp_path, 1.0, 1.0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)  # W, α and the rest (3e-3 overshoots at 2 bits)
     model.train()
     kls = []
     for _ in range(8):

@@ -30,20 +30,25 @@ from paretoq.quant import functional
 logger = logging.getLogger(__name__)
 
 
-def _forward(weight: torch.Tensor, scale: torch.Tensor, scheme, dtype: torch.dtype) -> torch.Tensor:
-    w, a = functional._grouped(weight, scale)
-    return (scheme.quantize_scaled(w, a) * a).to(dtype).reshape(weight.shape)
+def _rows(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and α̃ as (rows, columns) and (rows, 1), one row per scale: a group of g columns is laid out
+    as a row of its own. The kernels then see one 2-D shape for every layout; with the 3-D grouped
+    view and dynamic shapes Inductor's kernels ran ~6× slower (measured on a 1408×512 weight)."""
+    w, a = functional._grouped(weight.detach(), scale.detach())
+    return w.reshape(-1, w.shape[-1]), a.reshape(-1, 1)
 
 
-def _backward(weight: torch.Tensor, scale: torch.Tensor, scheme, grad: torch.Tensor, s_g: torch.Tensor):
-    w, a = functional._grouped(weight, scale)
-    g = grad.reshape(w.shape).to(torch.float32)
+def _forward(w: torch.Tensor, a: torch.Tensor, scheme, dtype: torch.dtype) -> torch.Tensor:
+    return (scheme.quantize_scaled(w, a) * a).to(dtype)
+
+
+def _backward(w: torch.Tensor, a: torch.Tensor, scheme, grad: torch.Tensor, s_g: torch.Tensor):
+    g = grad.to(torch.float32)
     x = w / a
     c = x.clamp(scheme.lo, scheme.hi)
     mask = (c == x).to(torch.float32)
     coef = scheme.coefficient_(scheme.quantize_(c, w), x, mask)
-    grad_scale = (coef * g * s_g).sum(dim=-1, keepdim=True)
-    return (g * mask).reshape(weight.shape), grad_scale.reshape(scale.shape)
+    return g * mask, (coef * g * s_g).sum(dim=-1, keepdim=True)
 
 
 class CompiledQuantizer:
@@ -61,7 +66,8 @@ class CompiledQuantizer:
     @torch.no_grad()
     def forward(self, weight, scale, scheme, dtype):
         try:
-            return self.forward_fn(weight.detach(), scale.detach(), scheme, dtype)
+            w, a = _rows(weight, scale)
+            return self.forward_fn(w, a, scheme, dtype).reshape(weight.shape)
         except Exception as e:  # noqa: BLE001 -- any compile failure: fall back, same numbers
             self._fallback(e)
             return functional.quantize_weight(weight, scale, scheme, dtype)
@@ -70,7 +76,9 @@ class CompiledQuantizer:
     def backward(self, weight, scale, scheme, grad, weight_grad, scale_grad):
         s_g = torch.tensor(1.0 / (weight.numel() * scheme.grad_qp) ** 0.5, dtype=torch.float32, device=weight.device)
         try:
-            gw, ga = self.backward_fn(weight.detach(), scale.detach(), scheme, grad, s_g)
+            w, a = _rows(weight, scale)
+            gw, ga = self.backward_fn(w, a, scheme, grad.reshape(w.shape), s_g)
+            gw, ga = gw.reshape(weight.shape), ga.reshape(scale.shape)
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
             return functional.quantize_backward(weight, scale, scheme, grad, weight_grad=weight_grad,

@@ -93,10 +93,13 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         if self.cache_quantized_weight and self.training and not torch.is_inference_mode_enabled():
-            w = self._cached_weight(dtype)
-        else:
-            w = fake_quantize(self.weight, self.weight_clip_val, self.scheme, dtype)
-        return F.linear(x, w, self.bias)
+            return F.linear(x, self._cached_weight(dtype), self.bias)
+        w, a = self.weight, self.weight_clip_val
+        if dtype == w.dtype and torch.is_grad_enabled() and (w.requires_grad or a.requires_grad):
+            # no cast: FP training would keep no copy of the weight for backward, so neither do we
+            return _RecomputedQuantLinear.apply(x, w, a, self.bias, self.scheme)
+        # a cast (bf16 autocast): FP training keeps the cast weight for backward as we keep Ŵ
+        return F.linear(x, fake_quantize(w, a, self.scheme, dtype), self.bias)
 
     # -- fake-quant cache ----------------------------------------------------------------------
     def _clear_cache(self) -> None:
@@ -151,6 +154,34 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         group = "row" if self.group_size is None else f"group {self.group_size}"
         return f"{super().extra_repr()}, w_bits={self.quant_config.w_bits}, scale per {group}"
+
+
+class _RecomputedQuantLinear(torch.autograd.Function):
+    """y = x Ŵᵀ + b in the weight's own dtype, keeping x, W and α for backward and recomputing Ŵ
+    there (one quantizer pass, far cheaper than the matrix products) instead of holding a full copy
+    of Ŵ from forward to backward. The products are those autograd makes for ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, scheme):
+        ctx.scheme = scheme
+        ctx.save_for_backward(x, weight, scale)
+        return F.linear(x, quantize_weight(weight, scale, scheme), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_a = grad_b = None
+        if need_x:
+            grad_x = g.mm(quantize_weight(weight, scale, ctx.scheme)).reshape(x.shape)
+        if need_w or need_a:
+            grad_w_hat = x.reshape(-1, x.shape[-1]).t().mm(g).t()
+            grad_w, grad_a = quantize_backward(weight, scale, ctx.scheme, grad_w_hat, weight_grad=need_w,
+                                               scale_grad=need_a)
+        if need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_a, grad_b, None
 
 
 class _CachedFakeQuantize(torch.autograd.Function):

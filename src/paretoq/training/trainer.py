@@ -2,8 +2,9 @@
 
 - The optimizer puts the scales (``weight_clip_val``) in their own parameter group: no weight
   decay, learning rate × ``scale_lr_multiplier`` (the scheduler scales every group alike).
-- The fake-quant cache (``paretoq.quant.linear``) is on in single-process runs: Ŵ once per optimizer
-  step, its summed gradient pushed through the quantizer after the step's last micro-batch.
+- The fake-quant cache (``paretoq.quant.linear``) is on in single-process runs with gradient
+  accumulation or checkpointing: Ŵ once per optimizer step, its summed gradient pushed through the
+  quantizer after the step's last micro-batch.
 - ``LossPlotCallback`` draws ``loss.png`` from the log history at the end of training.
 - Checkpoints appear only complete (``checkpointing.AtomicCheckpointMixin``); a nan/inf loss stops
   the run without saving the poisoned step (``guards.NonFiniteGuardMixin``).
@@ -32,9 +33,12 @@ class QATTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
         self.scale_lr_multiplier = scale_lr_multiplier
         super().__init__(*args, **kwargs)
         # Ŵ computed once per optimizer step (paretoq.quant.linear); not with DDP/FSDP/DeepSpeed,
-        # whose gradient hooks need ∂L/∂W during backward.
+        # whose gradient hooks need ∂L/∂W during backward. Only where it saves work: several
+        # micro-batches per step, or gradient checkpointing's second forward. With one plain
+        # micro-batch it would save nothing and hold Ŵ all step (in fp32 a full copy of the weights).
         self.fake_quant_cache = fake_quant_cache and self.accelerator.num_processes == 1 and self.args.n_gpu <= 1 \
-            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled) \
+            and (self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing))
         set_fake_quant_cache(self.model, self.fake_quant_cache)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
