@@ -176,9 +176,9 @@ class _RecomputedQuantLinear(torch.autograd.Function):
         if need_x:
             grad_x = g.mm(quantize_weight(weight, scale, ctx.scheme)).reshape(x.shape)
         if need_w or need_a:
-            grad_w_hat = x.reshape(-1, x.shape[-1]).t().mm(g).t()
+            grad_w_hat = g.t().mm(x.reshape(-1, x.shape[-1]))
             grad_w, grad_a = quantize_backward(weight, scale, ctx.scheme, grad_w_hat, weight_grad=need_w,
-                                               scale_grad=need_a)
+                                               scale_grad=need_a, inplace=True)
         if need_b:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_a, grad_b, None
