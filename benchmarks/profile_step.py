@@ -4,7 +4,7 @@ Same model, data and step as ``qat_overhead.py``; the FP step is profiled too so
 can be read against each other. Appends both top-N tables to ``benchmarks/RESULTS.md``.
 
     python benchmarks/profile_step.py [--model 60m] [--batch 1x256] [--precision bf16] [--quant 2:row]
-                                      [--mode ours|cached|ref] [--top 10]
+                                      [--mode ours|eager|ref] [--ga 1] [--top 10]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from qat_overhead import Modes, append_results, build_model, make_batches, parse
 
 def profile_mode(model, opt, batches, bf16, switch, mode, top):
     with switch.use(mode, model):
-        for _ in range(2):  # warm-up (AdamW state, allocator)
-            train_step(model, opt, batches, bf16, flush=mode == "cached")
+        for _ in range(2):  # warm-up (AdamW state, allocator, compiling)
+            train_step(model, opt, batches, bf16, flush=switch.uses_cache(mode))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train_step(model, opt, batches, bf16, flush=mode == "cached")
+            train_step(model, opt, batches, bf16, flush=switch.uses_cache(mode))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40)
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     model = build_model(args.model, bits, group)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     batches = make_batches(model.config.vocab_size, args.batch, args.ga)
-    switch = Modes()
+    switch = Modes(cache=args.ga > 1)
     bf16 = args.precision == "bf16"
     tables = {mode: profile_mode(model, opt, batches, bf16, switch, mode, args.top) for mode in ("fp", args.mode)}
     lines = []

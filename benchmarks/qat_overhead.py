@@ -4,11 +4,12 @@ One Llama-architecture model per (shape, quantization): the same model and AdamW
 rotating order in each mode, so every ratio compares steps taken a few seconds apart:
 
 - ``fp``     — plain ``F.linear(x, W)`` in every quantized layer (what ``nn.Linear`` does);
-- ``ours``   — ``QuantLinear`` (paretoq's quantizer, Ŵ computed every forward);
-- ``cached`` — ``QuantLinear`` with the fake-quant cache (Ŵ once per optimizer step, its gradient
-  pushed through the quantizer once: what ``QATTrainer`` does in a single process);
-- ``compiled`` / ``compiled_cached`` — the same two with the fused quantizer kernels
-  (``paretoq.quant.compiled``, ``paretoq train --compile_quantizer``; compiled during warm-up);
+- ``ours``   — what ``paretoq train`` does by default on CPU: ``QuantLinear`` with the fused
+  quantizer kernels (``--compile_quantizer auto``; compiled during warm-up), and Ŵ computed once
+  per optimizer step (the fake-quant cache) where ``QATTrainer`` turns that on: GA > 1 or
+  activation checkpointing;
+- ``eager``  — the same with ``--compile_quantizer false`` (the eager quantizer; the GPU default);
+- ``ours_nocache`` / ``eager_nocache`` — the two without the fake-quant cache (Ŵ every forward);
 - ``ref``    — the reference quantizer (torchao 0.18's ParetoQ prototype, loaded from ``.oracle/``)
   in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
   (m·G, g) rows, which is the same math.
@@ -23,7 +24,7 @@ every parallel op waits on a preempted partner thread).
 
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
     python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
-    python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,cached,ref
+    python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,eager,ours_nocache,ref
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
-MODES = ("fp", "ours", "cached", "compiled", "compiled_cached", "ref")
+MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "ref")
 
 
 def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
@@ -98,16 +99,23 @@ def fp_forward(self, x):
 
 
 class Modes:
-    """Switches every QuantLinear of the process between the measured forwards."""
+    """Switches every QuantLinear of the process between the measured forwards.
 
-    def __init__(self):
+    ``cache`` is QATTrainer's rule for the fake-quant cache (GA > 1 or activation checkpointing);
+    the ``_nocache`` modes ignore it. ``uses_cache(mode)`` tells ``train_step`` whether to flush."""
+
+    def __init__(self, cache: bool = False):
         from paretoq.quant.linear import QuantLinear
 
         self.cls = QuantLinear
-        self.forwards = {"fp": fp_forward, "ours": QuantLinear.forward, "cached": QuantLinear.forward,
-                         "compiled": QuantLinear.forward, "compiled_cached": QuantLinear.forward}
+        self.cache = cache
+        self.forwards = {m: QuantLinear.forward for m in MODES if m not in ("fp", "ref")}
+        self.forwards["fp"] = fp_forward
         if ORACLE.is_file():
             self.forwards["ref"] = reference_forward(load_reference())
+
+    def uses_cache(self, mode: str) -> bool:
+        return self.cache and mode in ("ours", "eager")
 
     @contextlib.contextmanager
     def use(self, mode: str, model):
@@ -116,8 +124,8 @@ class Modes:
 
         original = self.cls.forward
         self.cls.forward = self.forwards[mode]
-        set_fake_quant_cache(model, mode.endswith("cached"))
-        if mode.startswith("compiled"):
+        set_fake_quant_cache(model, self.uses_cache(mode))
+        if mode.startswith("ours"):
             compiled.functional._FUSED = self.fused = getattr(self, "fused", None) or compiled.CompiledQuantizer()
         try:
             yield
@@ -157,7 +165,7 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
         model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     batches = make_batches(model.config.vocab_size, batch, ga)
-    switch = Modes()
+    switch = Modes(cache=ga > 1 or checkpointing)
     wall = {m: [] for m in modes}
     cpu = {m: [] for m in modes}
     for r in range(warmup + steps):
@@ -165,7 +173,7 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
         for mode in order:
             with switch.use(mode, model):
                 t0, c0 = time.perf_counter(), time.process_time()
-                train_step(model, opt, batches, bf16, flush=mode.endswith("cached"))
+                train_step(model, opt, batches, bf16, flush=switch.uses_cache(mode))
                 t1, c1 = time.perf_counter(), time.process_time()
             if r >= warmup:
                 wall[mode].append(t1 - t0)

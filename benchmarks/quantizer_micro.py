@@ -4,7 +4,10 @@ One 4096×1024 and one 1024×4096 fp32 weight, per-row scales (the reference's l
 width; g = ∂L/∂Ŵ in fp32 (``--grad bf16``: a bf16 g, as under autocast, where the reference gets
 it cast to fp32 and paretoq reads the bf16 directly). Each repetition runs the reference and
 paretoq back to back on fresh leaf tensors (order alternating) and asserts that Ŵ, ∂L/∂W and
-∂L/∂α are bit-identical (``torch.equal``). Figures: median wall and process-CPU time.
+∂L/∂α are bit-identical (``torch.equal``). ``fused`` is the same quantizer through the compiled
+kernels (``paretoq.quant.compiled``, the CPU default of ``paretoq train``): Ŵ and ∂L/∂W asserted
+bit-identical too, ∂L/∂α equal to summation order (rtol 2e-6). Figures: median wall and
+process-CPU time.
 
     python benchmarks/quantizer_micro.py [--reps 9] [--threads 1] [--grad fp32|bf16]
 """
@@ -20,6 +23,7 @@ import torch
 
 from qat_overhead import REF_CODE, append_results, load_reference
 
+from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
 
 SHAPES = [(4096, 1024), (1024, 4096)]
@@ -50,8 +54,18 @@ def main(argv=None):
         out.backward(G)
         return (time.perf_counter() - t0, time.process_time() - c0), (out.detach(), w.grad, a.grad)
 
-    header = "| weight | bits | reference fwd+bwd (wall / cpu) | paretoq (wall / cpu) | speed-up (wall, cpu) | equal |"
-    lines = [header, "|---|---|---|---|---|---|"]
+    fused = compiled.CompiledQuantizer()
+
+    def run_fused(bits, W, A, G):
+        compiled.functional._FUSED = fused
+        try:
+            return run_ours(bits, W, A, G)
+        finally:
+            compiled.functional._FUSED = None
+
+    header = ("| weight | bits | reference fwd+bwd (wall / cpu) | paretoq eager (wall / cpu) | paretoq fused (wall / cpu) "
+              "| speed-up eager (wall, cpu) | speed-up fused (wall, cpu) | equal |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     print(header, flush=True)
     for shape in SHAPES:
         torch.manual_seed(0)
@@ -59,27 +73,31 @@ def main(argv=None):
         G = torch.randn(*shape).to(torch.bfloat16 if args.grad == "bf16" else torch.float32)
         for bits in SCHEMES:
             A = init_scale(W, SCHEMES[bits], None) * torch.empty(shape[0], 1).uniform_(0.5, 1.5)
-            times = {"ref": [], "ours": []}
+            times = {"ref": [], "ours": [], "fused": []}
             for r in range(args.reps + 1):
-                pair = [("ref", run_ref), ("ours", run_ours)]
+                trio = [("ref", run_ref), ("ours", run_ours), ("fused", run_fused)]
                 results = {}
-                for name, fn in (pair if r % 2 else pair[::-1]):
+                for name, fn in trio[r % 3:] + trio[:r % 3]:  # rotate the order
                     t, results[name] = fn(bits, W, A, G)
-                    if r:  # the first repetition is warm-up
+                    if r:  # the first repetition is warm-up (and compiles the fused kernels)
                         times[name].append(t)
-                expected, got = results["ref"], results["ours"]
+                expected, got, fast = results["ref"], results["ours"], results["fused"]
                 assert all(torch.equal(x, y) for x, y in zip(expected, got)), (shape, bits)
+                assert torch.equal(expected[0], fast[0]) and torch.equal(expected[1], fast[1]), (shape, bits)
+                torch.testing.assert_close(fast[2], expected[2], rtol=2e-6, atol=2e-6 * float(expected[2].abs().max()))
             med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
-            (rw, rc), (ow, oc) = med["ref"], med["ours"]
+            (rw, rc), (ow, oc), (fw, fc) = med["ref"], med["ours"], med["fused"]
             line = (f"| {shape[0]}×{shape[1]} | {bits} | {rw * 1e3:.1f} / {rc * 1e3:.1f} ms | {ow * 1e3:.1f} / "
-                    f"{oc * 1e3:.1f} ms | {rw / ow:.2f}×, {rc / oc:.2f}× | yes |")
+                    f"{oc * 1e3:.1f} ms | {fw * 1e3:.1f} / {fc * 1e3:.1f} ms | {rw / ow:.2f}×, {rc / oc:.2f}× | "
+                    f"{rw / fw:.2f}×, {rc / fc:.2f}× | yes |")
             lines.append(line)
             print(line, flush=True)
     if not args.no_append:
         cmd = "python benchmarks/quantizer_micro.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results(f"Quantizer forward+backward, paretoq vs reference (quantizer_micro.py, g in {args.grad})",
                        cmd, lines, note=f"median of {args.reps} repetitions after 1 warm-up, alternating order; "
-                                        "Ŵ, ∂L/∂W, ∂L/∂α asserted bit-identical (torch.equal) in every repetition")
+                                        "Ŵ, ∂L/∂W, ∂L/∂α asserted bit-identical (torch.equal) in every repetition "
+                                        "(fused: ∂L/∂α to summation order, rtol 2e-6)")
 
 
 if __name__ == "__main__":

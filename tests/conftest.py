@@ -15,6 +15,12 @@ TEXT = SHARED / "fixtures" / "text"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# `paretoq train` fuses the quantizer with torch.compile on CPU by default (--compile_quantizer auto):
+# seconds of compiling in every training process. The suite trains with the eager quantizer unless
+# told otherwise (PARETOQ_COMPILE_QUANTIZER=auto|true runs it all fused); the fused path and the
+# auto default have tests of their own (tests/quant/test_compiled.py, tests/training/test_recipe.py).
+os.environ.setdefault("PARETOQ_COMPILE_QUANTIZER", "false")
+
 
 @pytest.fixture
 def fixture_dir() -> Path:

@@ -84,3 +84,23 @@ def test_unknown_key_in_yaml(tmp_path):
     y.write_text("w_bitz: 2\n")
     with pytest.raises(UserError, match="unknown option.*w_bitz"):
         parse_train_args(BASE + ["--config", str(y)])
+
+
+def test_compile_quantizer_switch(monkeypatch):
+    """auto (the default) fuses the quantizer when training on CPU only; $PARETOQ_COMPILE_QUANTIZER
+    sets the default, the command line overrides it; other spellings of true/false are accepted."""
+    monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
+    cfg = parse_train_args(BASE)
+    assert cfg.run.compile_quantizer == "auto" and cfg.fused_quantizer is cfg.training.use_cpu
+    assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is True
+    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is False  # a GPU run: eager
+    assert parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "yes"]).fused_quantizer is True
+    monkeypatch.setenv("PARETOQ_COMPILE_QUANTIZER", "false")
+    assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is False
+    cfg = parse_train_args(BASE + ["--use_cpu", "true", "--compile_quantizer", "auto"])
+    assert cfg.run.compile_quantizer == "auto" and cfg.fused_quantizer is True
+    with pytest.raises(UserError, match=r"^--compile_quantizer must be auto, true or false, got 'fast' "):
+        parse_train_args(BASE + ["--compile_quantizer", "fast"])
+    monkeypatch.setenv("PARETOQ_COMPILE_QUANTIZER", "on")
+    with pytest.raises(UserError, match=r"got 'on' \(the default comes from \$PARETOQ_COMPILE_QUANTIZER"):
+        parse_train_args(BASE)

@@ -303,6 +303,31 @@ def test_gptq_init_at_a_mid_run_switch_under_bf16_autocast(tmp_path):
     assert all(math.isfinite(loss) for _, loss in _losses(out))
 
 
+class _QuantizerWatch(TrainerCallback):
+    def __init__(self):
+        self.fused = []
+
+    def on_step_end(self, args, state, control, **kw):
+        from paretoq.quant import compiled
+
+        self.fused.append(compiled.enabled())
+
+
+def test_cpu_training_fuses_the_quantizer_by_default(tmp_path, monkeypatch, caplog):
+    """--compile_quantizer auto (no flag, no $PARETOQ_COMPILE_QUANTIZER): a CPU run trains with the
+    fused kernels, says so in its log, and leaves the switch as it found it."""
+    import logging
+
+    from paretoq.quant import compiled
+
+    monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
+    watch = _QuantizerWatch()
+    with caplog.at_level(logging.INFO, logger="paretoq.training.run"):
+        run_training(parse_train_args(_argv(tmp_path / "run", 4, "--max_steps", "2")), callbacks=[watch])
+    assert watch.fused == [True, True] and not compiled.enabled()
+    assert "quantizer: fused kernels (torch.compile)" in caplog.messages
+
+
 def test_compile_quantizer_trains_like_the_eager_quantizer(tmp_path):
     """--compile_quantizer: same Ŵ and ∂W bits, ∂α to summation order, so 4 steps track the eager
     run closely; the switch is off again after the run."""

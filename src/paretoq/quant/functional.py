@@ -242,14 +242,19 @@ SCHEMES: dict[float, Scheme] = {
 """bits as users write them → scheme. 16 (or more) means "not quantized" and has no entry."""
 
 
+def effective_scale(scale: torch.Tensor) -> torch.Tensor:
+    """α̃ = max(α, 1e-5) with ``torch.where`` (not ``clamp``) as the reference: a nan α → 1e-5."""
+    return torch.where(scale > SCALE_EPS, scale, SCALE_EPS)
+
+
 def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (m, n) and α̃ = max(α, 1e-5), as (m, n/g, g) and (m, G, 1) when there are several groups.
 
     Per-row scales (m, 1) keep the 2-D layout of the reference so its reduction order (and so
-    its bits) is reproduced exactly. ``torch.where`` (not ``clamp``) as the reference: a nan α → 1e-5.
+    its bits) is reproduced exactly.
     """
     m, n = weight.shape
-    scale = torch.where(scale > SCALE_EPS, scale, torch.tensor(SCALE_EPS, device=scale.device, dtype=scale.dtype))
+    scale = effective_scale(scale)
     groups = scale.shape[-1]
     if groups == 1:
         return weight, scale

@@ -72,12 +72,15 @@ class RunArguments:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir "
                                                           "(re-running the same command does so too)"})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/logs)"})
-    compile_quantizer: bool = field(default=False, metadata={
-        "help": "fused quantizer kernels via torch.compile: same Ŵ and ∂W bits, a few seconds of compiling, "
-                "faster steps (paretoq/quant/compiled.py)"})
+    compile_quantizer: str = field(default="auto", metadata={
+        "help": "fused quantizer kernels via torch.compile: auto (on when training on CPU; default from "
+                "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
+                "seconds of compiling once, faster steps (paretoq/quant/compiled.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+COMPILE_QUANTIZER_ENV = "PARETOQ_COMPILE_QUANTIZER"
+_SWITCH_VALUES = {"auto": "auto", "true": "true", "yes": "true", "1": "true", "false": "false", "no": "false", "0": "false"}
 
 # Defaults that differ from transformers' (a QAT user expects logs and metrics out of the box).
 _HAS_GPU = torch.cuda.is_available()
@@ -95,6 +98,15 @@ class TrainConfig:
     @property
     def quant(self) -> QuantConfig:
         return QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size, scale_init=self.model.scale_init)
+
+    @property
+    def fused_quantizer(self) -> bool:
+        """Whether ``--compile_quantizer`` (validated: auto | true | false) turns the fused kernels on.
+
+        auto = on where they are verified bit for bit against the eager quantizer: CPU training.
+        Off on GPUs unless asked for: Triton's fp32 ``/`` may round differently from PyTorch's
+        (triton-lang/triton#10661), so Ŵ is not guaranteed to keep the reference's bits there."""
+        return self.run.compile_quantizer == "true" or (self.run.compile_quantizer == "auto" and self.training.use_cpu)
 
     @property
     def final_model_dir(self) -> str:
@@ -155,6 +167,9 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     unknown = sorted(set(layered) - known)
     if unknown:
         raise UserError(f"unknown option(s) in config: {', '.join(unknown)} (see paretoq train --help)")
+    env_default = os.environ.get(COMPILE_QUANTIZER_ENV)
+    if env_default:
+        parser.set_defaults(compile_quantizer=env_default)
     parser.set_defaults(**layered)
     if not layered.get("output_dir") and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         raise UserError("--output_dir is required: where checkpoints, logs and the final model go")
@@ -176,6 +191,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("--train_data_local_path is required: a JSONL file with one {\"text\": ...} per line")
     if cfg.data.model_max_length <= 0:
         raise UserError(f"--model_max_length must be a positive number of tokens, got {cfg.data.model_max_length}")
+    switch = _SWITCH_VALUES.get(str(cfg.run.compile_quantizer).strip().lower())
+    if switch is None:
+        raise UserError(f"--compile_quantizer must be auto, true or false, got {cfg.run.compile_quantizer!r}"
+                        f" (the default comes from ${COMPILE_QUANTIZER_ENV} when set)")
+    cfg.run.compile_quantizer = switch
     if cfg.model.scale_lr_multiplier <= 0:
         raise UserError(f"--scale_lr_multiplier must be positive, got {cfg.model.scale_lr_multiplier}")
     from paretoq.training.recipe import validate_recipe_args

@@ -99,8 +99,9 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     from paretoq.quant import compiled
 
     was_compiled = compiled.enabled()
-    if cfg.run.compile_quantizer and not was_compiled:
+    if cfg.fused_quantizer and not was_compiled:
         compiled.enable(True)
+    logger.info("quantizer: %s", "fused kernels (torch.compile)" if compiled.enabled() else "eager")
     try:
         return _run_training(cfg, callbacks)
     finally:
