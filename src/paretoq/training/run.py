@@ -101,7 +101,6 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     was_compiled = compiled.enabled()
     if cfg.fused_quantizer and not was_compiled:
         compiled.enable(True)
-    logger.info("quantizer: %s", "fused kernels (torch.compile)" if compiled.enabled() else "eager")
     try:
         return _run_training(cfg, callbacks)
     finally:
@@ -143,6 +142,9 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
                             processing_class=tokenizer, data_collator=default_data_collator,
                             callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
+    from paretoq.quant import compiled
+
+    logger.info("quantizer: %s", "fused kernels (torch.compile)" if compiled.enabled() else "eager")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - start, 2)
