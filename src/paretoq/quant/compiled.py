@@ -37,9 +37,8 @@ def _rows(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torc
     as a row of its own (a view). The kernels then see one 2-D shape for every layout; with the 3-D
     grouped view and dynamic shapes Inductor's kernels ran ~6× slower (measured on a 1408×512 weight).
     Detached: Dynamo would specialise on each ``nn.Parameter``'s shape (one compilation per layer shape)."""
-    m, n = weight.shape
-    rows = m * scale.shape[-1]
-    return weight.detach().reshape(rows, n * m // rows), scale.detach().reshape(rows, 1)
+    groups = scale.shape[-1]
+    return weight.detach().reshape(-1, weight.shape[1] // groups), scale.detach().reshape(-1, 1)
 
 
 def _forward(w: torch.Tensor, a: torch.Tensor, scheme, dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +73,7 @@ class CompiledQuantizer:
         key = (weight.numel(), scheme.grad_qp, weight.device)
         s_g = self._grad_scales.get(key)
         if s_g is None:
-            s_g = self._grad_scales[key] = torch.tensor(1.0 / (key[0] * key[1]) ** 0.5, dtype=torch.float32,
+            s_g = self._grad_scales[key] = torch.tensor(functional.gradient_scale(key[0], scheme), dtype=torch.float32,
                                                         device=weight.device)
         return s_g
 

@@ -247,6 +247,11 @@ def effective_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > SCALE_EPS, scale, SCALE_EPS)
 
 
+def gradient_scale(numel: int, scheme: Scheme) -> float:
+    """s_g = 1/√(N·Qp_grad), N the element count of the whole weight matrix."""
+    return 1.0 / math.sqrt(numel * scheme.grad_qp)
+
+
 def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (m, n) and α̃ = max(α, 1e-5), as (m, n/g, g) and (m, G, 1) when there are several groups.
 
@@ -311,7 +316,7 @@ def quantize_backward(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme,
         return _FUSED.backward(weight, scale, scheme, grad, weight_grad, scale_grad)
     w, a = _grouped(weight, scale)
     g = grad.reshape(w.shape)
-    s_g = 1.0 / math.sqrt(weight.numel() * scheme.grad_qp)
+    s_g = gradient_scale(weight.numel(), scheme)
     inplace = inplace and g.dtype == w.dtype
     grad_weight = (g if inplace else torch.empty_like(w)) if weight_grad else None
     grad_scale = torch.empty(a.shape, dtype=a.dtype, device=a.device) if scale_grad else None

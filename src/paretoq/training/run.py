@@ -17,6 +17,7 @@ from transformers import default_data_collator, set_seed
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
+from paretoq.quant import compiled
 from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
 from paretoq.training.checkpointing import (check_checkpoint_files, latest_complete_checkpoint, publish_model,
@@ -96,8 +97,6 @@ def _removed_on_user_error(path: str, created: bool):
 
 def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
-    from paretoq.quant import compiled
-
     was_compiled = compiled.enabled()
     if cfg.fused_quantizer and not was_compiled:
         compiled.enable(True)
@@ -142,8 +141,6 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
                             processing_class=tokenizer, data_collator=default_data_collator,
                             callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
-    from paretoq.quant import compiled
-
     logger.info("quantizer: %s", "fused kernels (torch.compile)" if compiled.enabled() else "eager")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
