@@ -18,13 +18,18 @@ Shapes: ``60m`` (hidden 512, 8 layers, intermediate 1408 — 11·128, so group 1
 ``smollm2`` (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab 49152,
 tied), random weights. A step = forward/backward of ``--ga`` micro-batches, (flush), AdamW step,
 zero_grad — the Trainer's sequence. Figures: median wall time and median process CPU time over
-``--steps`` steps after ``--warmup``; CPU time is the robust one on this shared machine (other
-jobs steal wall time, not CPU time), the threads default to 1 for the same reason (with 2 threads
-every parallel op waits on a preempted partner thread).
+``--steps`` steps after ``--warmup``; each ratio comes with the 95% confidence interval of its
+median (order statistics of the per-round ratios), since on a shared VM one step can run 1.5×
+slower than the next for reasons outside the process (its CPU time inflates as well). The threads
+default to 1 (with 2 threads every parallel op waits on a preempted partner thread).
+``--parts`` (bf16) adds a figure that such drifts hardly touch: the quantizer's own forward and
+backward over every layer against the casts FP training makes in their place, alternated every
+~0.1 s — the part of the overhead the kernels account for.
 
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
     python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
     python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,eager,ours_nocache,ref
+    python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --parts
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -154,8 +160,9 @@ def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
     return [torch.randint(0, vocab, (b, t), generator=gen) for _ in range(ga)]
 
 
-def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False):
-    """Median step times {mode: (wall s, cpu s)} and ratios {mode: (wall, cpu)} to the FP step.
+def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False, parts=False):
+    """Median step times {mode: (wall s, cpu s)}, ratios {mode: RoundRatios} to the FP step and,
+    with ``parts`` (bf16 only), {mode: quantizer_parts ms} for the paretoq modes.
 
     The modes' steps are interleaved round by round; a ratio is the median over rounds of
     (mode step / FP step of the same round), which follows the machine's load as it drifts.
@@ -178,13 +185,76 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
             if r >= warmup:
                 wall[mode].append(t1 - t0)
                 cpu[mode].append(c1 - c0)
+    extra = {m: quantizer_parts(model, switch, m) for m in modes if parts and bf16 and m in ("ours", "eager")}
     del model, opt
     times = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
-    def ratio(samples, base):
-        return statistics.median(s / b for s, b in zip(samples, base))
+    ratios = {m: RoundRatios([s / b for s, b in zip(wall[m], wall["fp"])], [s / b for s, b in zip(cpu[m], cpu["fp"])])
+              for m in modes}
+    return times, ratios, extra
 
-    ratios = {m: (ratio(wall[m], wall["fp"]), ratio(cpu[m], cpu["fp"])) for m in modes}
-    return times, ratios
+
+def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
+    """Median extra milliseconds per step of ``mode``'s quantizer over FP training's casts, with no
+    matrix products around them: the forward (Ŵ in bf16) and backward (∂L/∂W, ∂L/∂α from a bf16
+    ∂L/∂Ŵ) of every QuantLinear, as one step calls them, against the fp32→bf16 cast of each W and
+    bf16→fp32 cast of each gradient that FP training under bf16 autocast makes in their place.
+    The two alternate every ~0.1 s, so the machine's slow drifts (which blur whole steps measured
+    seconds apart) cancel; it leaves out the autograd and optimizer bookkeeping of the scales."""
+    from paretoq.quant import functional
+    from paretoq.quant.linear import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(m.weight.shape, generator=gen).mul_(1e-3).bfloat16() for m in layers]
+
+    def quantizer():
+        for m in layers:
+            functional.quantize_weight(m.weight, m.weight_clip_val, m.scheme, torch.bfloat16)
+        for m, g in zip(layers, grads):
+            functional.quantize_backward(m.weight, m.weight_clip_val, m.scheme, g)
+
+    def casts():
+        for m in layers:
+            m.weight.detach().to(torch.bfloat16)
+        for g in grads:
+            g.to(torch.float32)
+
+    extra = []
+    with switch.use(mode, model):
+        for r in range(reps + 2):
+            t0 = time.perf_counter()
+            (quantizer if r % 2 else casts)()
+            t1 = time.perf_counter()
+            (casts if r % 2 else quantizer)()
+            t2 = time.perf_counter()
+            if r >= 2:
+                extra.append((t1 - t0) - (t2 - t1) if r % 2 else (t2 - t1) - (t1 - t0))
+    return statistics.median(extra) * 1e3
+
+
+def median_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics x_(j) ≤ median ≤
+    x_(n+1−j) with the largest j for which P(Binomial(n, ½) < j) ≤ (1 − level)/2. With fewer than 6
+    values no such j exists at 95% and the interval is the full range."""
+    xs = sorted(values)
+    n = len(xs)
+    tail, j = 0.0, 0
+    while j < n // 2 and tail + math.comb(n, j) / 2 ** n <= (1 - level) / 2:
+        tail += math.comb(n, j) / 2 ** n
+        j += 1
+    j = max(j, 1)
+    return xs[j - 1], xs[n - j]
+
+
+class RoundRatios:
+    """The per-round ratios (mode step / FP step of the same round), wall and CPU time."""
+
+    def __init__(self, wall: list[float], cpu: list[float]):
+        self.wall, self.cpu = wall, cpu
+
+    def cell(self) -> str:
+        lo, hi = median_ci(self.wall)
+        return f"{statistics.median(self.wall):.3f} [{lo:.3f}, {hi:.3f}], {statistics.median(self.cpu):.3f}"
 
 
 def machine() -> str:
@@ -233,23 +303,29 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", action="store_true",
+                   help="bf16: also time the quantizer's kernels per step against FP's casts (quantizer_parts)")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",")]
     assert modes[0] == "fp" and all(m in MODES for m in modes), f"--modes must start with fp, from {MODES}"
+    part_modes = [m for m in modes if args.parts and m in ("ours", "eager")]
     header = ("| model | micro-batch | GA | precision | quant | FP step (wall / cpu) | "
-              + " | ".join(f"{m} / FP (wall, cpu)" for m in modes[1:]) + " |")
+              + " | ".join(f"{m} / FP (wall [95% CI], cpu)" for m in modes[1:])
+              + "".join(f" | {m}: quantizer − casts per step" for m in part_modes) + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print(header, flush=True)
     for shape in args.model.split(","):
         for batch in args.batch.split(","):
             for precision in args.precision.split(","):
                 for bits, group in parse_quant(args.quant):
-                    times, ratios = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
-                                            args.steps, args.warmup, args.checkpointing)
+                    times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
+                                                   args.steps, args.warmup, args.checkpointing, args.parts)
                     fw, fc = times["fp"]
-                    cells = [f"{ratios[m][0]:.3f}, {ratios[m][1]:.3f}" for m in modes[1:]]
+                    cells = [ratios[m].cell() for m in modes[1:]]
+                    cells += [f"{extra[m]:+.1f} ms ({extra[m] / 1e3 / fw:+.2%})" if m in extra else "—"
+                              for m in part_modes]
                     line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
                             f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
                             + " | ".join(cells) + " |")
@@ -259,7 +335,11 @@ def main(argv=None):
         cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
                        note=f"{args.steps} steps per mode after {args.warmup} warm-up, modes interleaved round by "
-                            f"round; FP = median step time; ratio = median over rounds of (mode step / FP step)"
+                            f"round; FP = median step time; ratio = median over rounds of (mode step / FP step), "
+                            f"[95% confidence interval of that median, from the order statistics]"
+                            + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
+                               "+ backward − FP's weight and gradient casts), and that as a share of the FP step"
+                               if part_modes else "")
                             + ("; activation checkpointing" if args.checkpointing else ""))
 
 
