@@ -221,14 +221,14 @@ def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
 
     extra = []
     with switch.use(mode, model):
-        for r in range(reps + 2):
-            t0 = time.perf_counter()
-            (quantizer if r % 2 else casts)()
-            t1 = time.perf_counter()
-            (casts if r % 2 else quantizer)()
-            t2 = time.perf_counter()
+        for r in range(reps + 2):  # two warm-up rounds; the order alternates
+            seconds = {}
+            for fn in ((quantizer, casts) if r % 2 else (casts, quantizer)):
+                t0 = time.perf_counter()
+                fn()
+                seconds[fn] = time.perf_counter() - t0
             if r >= 2:
-                extra.append((t1 - t0) - (t2 - t1) if r % 2 else (t2 - t1) - (t1 - t0))
+                extra.append(seconds[quantizer] - seconds[casts])
     return statistics.median(extra) * 1e3
 
 
