@@ -1,7 +1,7 @@
 """torch.profiler of one QAT training step (after warm-up); the top ops by self CPU time.
 
-Same model, data and step as ``qat_overhead.py``; the FP step is profiled too so the two tables
-can be read against each other. Appends both top-N tables to ``benchmarks/RESULTS.md``.
+Same model, data, step and (fused) AdamW as ``qat_overhead.py``; the FP step is profiled too so
+the two tables can be read against each other. Appends both top-N tables to ``benchmarks/RESULTS.md``.
 
     python benchmarks/profile_step.py [--model 60m] [--batch 1x256] [--precision bf16] [--quant 2:row]
                                       [--mode ours|eager|ref] [--ga 1] [--top 10]
@@ -15,7 +15,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qat_overhead import Modes, append_results, build_model, make_batches, parse_quant, train_step
+from qat_overhead import Modes, append_results, build_model, make_batches, make_optimizer, parse_quant, train_step
 
 
 def profile_mode(model, opt, batches, bf16, switch, mode, top):
@@ -42,7 +42,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     (bits, group), = parse_quant(args.quant)
     model = build_model(args.model, bits, group)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    opt = make_optimizer(model)
     batches = make_batches(model.config.vocab_size, args.batch, args.ga)
     switch = Modes(cache=args.ga > 1)
     bf16 = args.precision == "bf16"

@@ -17,7 +17,10 @@ rotating order in each mode, so every ratio compares steps taken a few seconds a
 Shapes: ``60m`` (hidden 512, 8 layers, intermediate 1408 — 11·128, so group 128 divides it —, vocab 32000: 59M parameters) and
 ``smollm2`` (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab 49152,
 tied), random weights. A step = forward/backward of ``--ga`` micro-batches, (flush), AdamW step,
-zero_grad — the Trainer's sequence. Figures: median wall time and median process CPU time over
+zero_grad — the Trainer's sequence, with the AdamW ``paretoq train`` gets: transformers' default
+``adamw_torch_fused`` on torch ≥ 2.8 (``--adamw for-loop``, PyTorch's own default on CPU, runs
+~12 small ops per parameter tensor: it takes ~0.33 s longer per 60M step and charges QAT
++13 ms for its 56 scale tensors). Figures: median wall time and median process CPU time over
 ``--steps`` steps after ``--warmup``; each ratio comes with the 95% confidence interval of its
 median (order statistics of the per-round ratios), since on a shared VM one step can run 1.5×
 slower than the next for reasons outside the process (its CPU time inflates as well). The threads
@@ -154,13 +157,24 @@ def train_step(model, opt, micro_batches, bf16: bool, flush: bool) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+"""AdamW implementations: ``fused`` is what ``paretoq train`` runs (transformers' default optimizer,
+``adamw_torch_fused``, on torch ≥ 2.8); the other two are PyTorch's own defaults off/on GPU."""
+
+
+def make_optimizer(model, adamw: str = "fused") -> torch.optim.Optimizer:
+    """AdamW over every parameter (the scales get no gradient in FP mode, so it skips them there)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, **ADAMW[adamw])
+
+
 def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
     b, t = (int(v) for v in batch.split("x"))
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (b, t), generator=gen) for _ in range(ga)]
 
 
-def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False, parts=False):
+def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False, parts=False,
+            adamw="fused"):
     """Median step times {mode: (wall s, cpu s)}, ratios {mode: RoundRatios} to the FP step and,
     with ``parts`` (bf16 only), {mode: quantizer_parts ms} for the paretoq modes.
 
@@ -170,7 +184,7 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
     model = build_model(shape, bits, group_size)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    opt = make_optimizer(model, adamw)
     batches = make_batches(model.config.vocab_size, batch, ga)
     switch = Modes(cache=ga > 1 or checkpointing)
     wall = {m: [] for m in modes}
@@ -303,6 +317,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--adamw", choices=list(ADAMW), default="fused",
+                   help="AdamW implementation (fused: what paretoq train runs)")
     p.add_argument("--parts", action="store_true",
                    help="bf16: also time the quantizer's kernels per step against FP's casts (quantizer_parts)")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
@@ -321,7 +337,8 @@ def main(argv=None):
             for precision in args.precision.split(","):
                 for bits, group in parse_quant(args.quant):
                     times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
-                                                   args.steps, args.warmup, args.checkpointing, args.parts)
+                                                   args.steps, args.warmup, args.checkpointing, args.parts,
+                                                   args.adamw)
                     fw, fc = times["fp"]
                     cells = [ratios[m].cell() for m in modes[1:]]
                     cells += [f"{extra[m]:+.1f} ms ({extra[m] / 1e3 / fw:+.2%})" if m in extra else "—"
@@ -334,8 +351,8 @@ def main(argv=None):
     if not args.no_append:
         cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
-                       note=f"{args.steps} steps per mode after {args.warmup} warm-up, modes interleaved round by "
-                            f"round; FP = median step time; ratio = median over rounds of (mode step / FP step), "
+                       note=f"AdamW {args.adamw}; {args.steps} steps per mode after {args.warmup} warm-up, modes "
+                            f"interleaved round by round; FP = median step time; ratio = median over rounds of (mode step / FP step), "
                             f"[95% confidence interval of that median, from the order statistics]"
                             + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
                                "+ backward − FP's weight and gradient casts), and that as a share of the FP step"
