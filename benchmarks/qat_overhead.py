@@ -352,7 +352,8 @@ def main(argv=None):
         cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
                        note=f"AdamW {args.adamw}; {args.steps} steps per mode after {args.warmup} warm-up, modes "
-                            f"interleaved round by round; FP = median step time; ratio = median over rounds of (mode step / FP step), "
+                            f"interleaved round by round; FP = median step time; ratio = median over rounds of "
+                            f"(mode step / FP step), "
                             f"[95% confidence interval of that median, from the order statistics]"
                             + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
                                "+ backward − FP's weight and gradient casts), and that as a share of the FP step"
