@@ -159,7 +159,8 @@ def train_step(model, opt, micro_batches, bf16: bool, flush: bool) -> None:
 
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 """AdamW implementations: ``fused`` is what ``paretoq train`` runs (transformers' default optimizer,
-``adamw_torch_fused``, on torch ≥ 2.8); the other two are PyTorch's own defaults off/on GPU."""
+``adamw_torch_fused``, on torch ≥ 2.8); ``for-loop`` and ``foreach`` are PyTorch's own defaults on
+CPU and on GPU."""
 
 
 def make_optimizer(model, adamw: str = "fused") -> torch.optim.Optimizer:
