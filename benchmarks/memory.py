@@ -29,13 +29,11 @@ HERE = Path(__file__).resolve().parent
 
 def child(args) -> None:
     import transformers.trainer  # noqa: F401 -- what any transformers training process has loaded
-    from qat_overhead import Modes, build_model, make_batches, make_optimizer, parse_quant, train_step
+    from qat_overhead import Modes, parse_quant, train_step, training_setup
 
     torch.set_num_threads(args.threads)
     (bits, group), = parse_quant(args.quant)
-    model = build_model(args.model, None if args.mode == "fp" else bits, group)
-    opt = make_optimizer(model)
-    batches = make_batches(model.config.vocab_size, args.batch, args.ga)
+    model, opt, batches = training_setup(args.model, None if args.mode == "fp" else bits, group, args.batch, args.ga)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     switch = Modes(cache=args.ga > 1)
     mode = "eager" if args.mode == "fp" else args.mode  # no QuantLinear in the fp model: any forward

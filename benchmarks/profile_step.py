@@ -15,7 +15,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qat_overhead import Modes, append_results, build_model, make_batches, make_optimizer, parse_quant, train_step
+from qat_overhead import Modes, append_results, parse_quant, train_step, training_setup
 
 
 def profile_mode(model, opt, batches, bf16, switch, mode, top):
@@ -41,9 +41,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     (bits, group), = parse_quant(args.quant)
-    model = build_model(args.model, bits, group)
-    opt = make_optimizer(model)
-    batches = make_batches(model.config.vocab_size, args.batch, args.ga)
+    model, opt, batches = training_setup(args.model, bits, group, args.batch, args.ga)
     switch = Modes(cache=args.ga > 1)
     bf16 = args.precision == "bf16"
     tables = {mode: profile_mode(model, opt, batches, bf16, switch, mode, args.top) for mode in ("fp", args.mode)}

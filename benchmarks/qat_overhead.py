@@ -168,6 +168,12 @@ def make_optimizer(model, adamw: str = "fused") -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, **ADAMW[adamw])
 
 
+def training_setup(shape: str, bits, group_size, batch: str, ga: int, adamw: str = "fused"):
+    """(model, AdamW, micro-batches): what every benchmark here trains with."""
+    model = build_model(shape, bits, group_size)
+    return model, make_optimizer(model, adamw), make_batches(model.config.vocab_size, batch, ga)
+
+
 def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
     b, t = (int(v) for v in batch.split("x"))
     gen = torch.Generator().manual_seed(seed)
@@ -182,11 +188,9 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
     The modes' steps are interleaved round by round; a ratio is the median over rounds of
     (mode step / FP step of the same round), which follows the machine's load as it drifts.
     """
-    model = build_model(shape, bits, group_size)
+    model, opt, batches = training_setup(shape, bits, group_size, batch, ga, adamw)
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = make_optimizer(model, adamw)
-    batches = make_batches(model.config.vocab_size, batch, ga)
     switch = Modes(cache=ga > 1 or checkpointing)
     wall = {m: [] for m in modes}
     cpu = {m: [] for m in modes}

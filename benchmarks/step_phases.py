@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from qat_overhead import Modes, append_results, build_model, make_batches, make_optimizer, parse_quant
+from qat_overhead import Modes, append_results, parse_quant, training_setup
 
 PHASES = ("forward", "backward", "optimizer", "step")
 
@@ -57,9 +57,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     (bits, group), = parse_quant(args.quant)
-    model = build_model(args.model, bits, group)
-    opt = make_optimizer(model)
-    ids, = make_batches(model.config.vocab_size, args.batch, 1)
+    model, opt, (ids,) = training_setup(args.model, bits, group, args.batch, 1)
     switch = Modes(cache=False)
     rec = {"fp": [], "ours": []}
     for r in range(args.rounds + 2):  # two warm-up rounds (compiling, AdamW state, allocator)
