@@ -60,8 +60,8 @@ def test_compile_failure_falls_back_to_eager_once(fused, caplog):
 
 
 def test_layers_of_many_shapes_share_one_compilation(fused):
-    """Parameters go in detached: Dynamo would otherwise specialise on each parameter's shape and,
-    past its recompile limit, silently run the eager code."""
+    """Parameters go in as they are, compiled with dynamic parameter shapes: by default Dynamo
+    specialises on each parameter's shape and, past its recompile limit, silently runs eager code."""
     import torch._dynamo
 
     scheme = SCHEMES[2]
@@ -78,3 +78,30 @@ def test_layers_of_many_shapes_share_one_compilation(fused):
                            (88, 56), (72, 24), (24, 72)):
             step(rows, cols)
     assert compiled.enabled()  # a recompile would have raised, and the quantizer fallen back to eager
+
+
+def test_kernels_take_no_per_call_float_inputs(fused):
+    """Python floats (α̃'s floor 1e-5) are compiled in as constants: by default Dynamo passes a float
+    into the graph as a 0-d tensor it builds on every call."""
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.append([(tuple(x.shape), x.dtype) for x in example_inputs if isinstance(x, torch.Tensor)])
+        return gm.forward
+
+    import torch._dynamo
+
+    torch._dynamo.reset()  # Dynamo's cache is per function, whatever the backend: start empty
+    quantizer = compiled.functional._FUSED
+    quantizer.forward_fn = torch.compile(compiled._forward, dynamic=True, backend=record)
+    quantizer.backward_fn = torch.compile(compiled._backward, dynamic=True, backend=record)
+    w = torch.nn.Parameter(torch.randn(16, 32) * 0.05)
+    a = torch.nn.Parameter(init_scale(w.detach(), SCHEMES[4], None))
+    try:
+        fake_quantize(w, a, SCHEMES[4], torch.bfloat16).float().sum().backward()
+    finally:
+        torch._dynamo.reset()  # later tests compile the real kernels again
+    assert len(seen) == 2  # forward, backward
+    for inputs in seen:
+        assert not [x for x in inputs if x[1] == torch.float64], inputs
+    assert seen[0] == [((16, 1), torch.float32), ((16, 32), torch.float32)]  # α, W
