@@ -59,20 +59,25 @@ def test_compile_failure_falls_back_to_eager_once(fused, caplog):
     assert torch.equal(out, fake_quantize(w, a, SCHEMES[2]))
 
 
-def test_layers_of_many_shapes_share_one_compilation(fused):
-    """Parameters go in as they are, compiled with dynamic parameter shapes: by default Dynamo
-    specialises on each parameter's shape and, past its recompile limit, silently runs eager code."""
+@pytest.mark.parametrize("group, autocast", [(None, False), (8, True)])
+def test_layers_of_many_shapes_share_one_compilation(group, autocast, fused):
+    """Parameters go in detached: Dynamo would otherwise specialise on each parameter's shape and,
+    past its recompile limit, silently run the eager code. The first weight is square: with Dynamo's
+    "duck sizing" its equal dimensions would become one symbol and the next shape recompile."""
     import torch._dynamo
 
     scheme = SCHEMES[2]
 
     def step(rows, cols):
         w = torch.nn.Parameter(torch.randn(rows, cols) * 0.05)
-        a = torch.nn.Parameter(init_scale(w.detach(), scheme, None))
-        fake_quantize(w, a, scheme).sum().backward()
+        a = torch.nn.Parameter(init_scale(w.detach(), scheme, group))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fake_quantize(w, a, scheme, torch.bfloat16 if autocast else None)
+        out.float().sum().backward()
         assert w.grad is not None and a.grad is not None
 
-    step(24, 40)  # the one compilation of forward and backward
+    torch._dynamo.reset()  # Dynamo's cache is per function: earlier tests' compilations would answer
+    step(32, 32)  # the one compilation of forward and backward
     with torch._dynamo.config.patch(error_on_recompile=True):
         for rows, cols in ((48, 64), (64, 48), (96, 32), (40, 200), (200, 40), (128, 128), (56, 88),
                            (88, 56), (72, 24), (24, 72)):

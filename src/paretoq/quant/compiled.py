@@ -10,16 +10,15 @@ has the effect on whole training steps).
 The kernels are traced from the scheme objects' own methods, so the math stays in
 ``functional.py``. Ŵ and ∂L/∂W are bit-identical to the eager path; ∂L/∂α sums the same products
 in another order (≤ 2e-7 relative; ``tests/quant/test_compiled.py``). Shapes are dynamic: one
-compilation per scheme and compute dtype (a few seconds each, cached on disk by PyTorch). By
-default Dynamo specialises on the shape of every ``nn.Parameter`` it sees, which would compile once
-per distinct layer shape and, past its recompile limit (8), fall back to eager without a word; the
-kernels are compiled with that turned off (``CompiledQuantizer._call``).
+compilation per scheme and compute dtype (a few seconds each, cached on disk by PyTorch). The
+weights and scales go in detached: Dynamo specialises on the shape of every ``nn.Parameter`` it
+sees, which would compile once per distinct layer shape and, past its recompile limit (8), fall
+back to eager without a word.
 
 Per call (each layer, forward and backward, every step) the Python around the kernels costs about
 as much as the kernels themselves at small micro-batches, so that path is kept short: no
-``no_grad`` re-entry, no views of per-row weights, the same parameter objects each step, no float
-turned into a tensor per call. Measured on a 64×32 weight (forward + backward through
-``fake_quantize``): 410 → 280 µs, against 60 µs for the cast FP training makes instead.
+``no_grad`` re-entry, no views of per-row weights, no float turned into a tensor per call
+(``CompiledQuantizer._call``).
 
 ``enable(True)`` switches every ``fake_quantize`` (and the fake-quant cache's flush) to these
 kernels; ``paretoq train`` does it for a run on CPU (``--compile_quantizer auto``, the default)
@@ -32,6 +31,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.fx.experimental._config as shape_config
 
 from paretoq.quant import functional
 
@@ -42,11 +42,11 @@ def _rows(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torc
     """W and α as (rows, columns) and (rows, 1), one row per scale: a group of g columns is laid out
     as a row of its own (a view). The kernels then see one 2-D shape for every layout; with the 3-D
     grouped view and dynamic shapes Inductor's kernels ran ~6× slower (measured on a 1408×512 weight).
-    Per-row W and α go in as they are: the same objects step after step pass Dynamo's guards
-    faster than a fresh view or ``detach()`` (~15 µs per call, measured)."""
+    Detached: Dynamo would specialise on each ``nn.Parameter``'s shape (one compilation per layer
+    shape). Per-row scales need no view (a view costs a few µs, here and in Dynamo's guards)."""
     groups = scale.shape[-1]
     if groups == 1:
-        return weight, scale
+        return weight.detach(), scale.detach()
     return weight.detach().reshape(-1, weight.shape[1] // groups), scale.detach().reshape(-1, 1)
 
 
@@ -94,37 +94,41 @@ class CompiledQuantizer:
     def _call(self, fn, *args):
         """``fn(*args)`` without autograd; the first call of a signature compiles it.
 
-        Compiled with two Dynamo settings: Python floats as constants (by default Dynamo passes the
-        floor 1e-5 of α̃ into the kernel as a 0-d tensor made on every call, ~17 µs), and dynamic
-        shapes for ``nn.Parameter`` inputs too (else one compilation per layer shape). The
-        signature lists what Dynamo guards on; a recompile for anything else gives the same
+        Compiled with two settings: Python floats as constants (by default Dynamo passes the floor
+        1e-5 of α̃ into the kernel as a 0-d tensor made on every call, ~17 µs), and no "duck
+        sizing" (by default, dimensions that happen to be equal at the first call — a square
+        weight's rows and columns — become one symbol, and the first non-square layer recompiles).
+        The signature holds what Dynamo guards on; a recompile for anything else gives the same
         numbers, only slower per call."""
         if torch.is_grad_enabled():  # callers run without autograd; this keeps it so for any other
             with torch.no_grad():
                 return self._call(fn, *args)
         w, grad = args[0], args[3] if len(args) > 4 else None
-        key = (fn, args[2], args[-1] if grad is None else grad.dtype, type(w), w.dtype, w.device, w.is_contiguous())
+        device = w.device.type
+        key = (fn, id(args[2]), args[-1] if grad is None else grad.dtype, w.dtype, device,
+               torch.is_autocast_enabled(device))
         if key in self._traced:
             return fn(*args)
-        with torch._dynamo.config.patch(specialize_float=True, force_parameter_static_shapes=False):
+        with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):
             out = fn(*args)
         self._traced.add(key)
         return out
 
     def forward(self, weight, scale, scheme, dtype):
         w, a = _rows(weight, scale)
+        grouped = scale.shape[-1] != 1
         try:
             out = self._call(self.forward_fn, w, a, scheme, dtype)
         except Exception as e:  # noqa: BLE001 -- any compile failure: fall back, same numbers
             self._fallback(e)
             return functional.quantize_weight(weight, scale, scheme, dtype)
-        return out if w is weight else out.view(weight.shape)
+        return out.view(weight.shape) if grouped else out
 
     def backward(self, weight, scale, scheme, grad, weight_grad, scale_grad):
         w, a = _rows(weight, scale)
-        grouped = w is not weight
+        grouped = scale.shape[-1] != 1
         try:
-            gw, ga = self._call(self.backward_fn, w, a, scheme, grad.reshape(w.shape) if grouped else grad,
+            gw, ga = self._call(self.backward_fn, w, a, scheme, grad.reshape(w.shape) if grouped else grad.contiguous(),
                                 self._grad_scale(weight, scheme))
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
