@@ -106,7 +106,7 @@ class CompiledQuantizer:
         w, grad = args[0], args[3] if len(args) > 4 else None
         device = w.device.type
         key = (fn, id(args[2]), args[-1] if grad is None else grad.dtype, w.dtype, device,
-               torch.is_autocast_enabled(device))
+               torch.is_autocast_enabled(device), torch.is_inference_mode_enabled())
         if key in self._traced:
             return fn(*args)
         with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):

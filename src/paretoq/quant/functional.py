@@ -363,7 +363,9 @@ class FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         weight, scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_weight, grad_scale = _quantize_backward(weight, scale, ctx.scheme, grad_output, needs[0], needs[1])
+        backward = quantize_backward if torch.is_grad_enabled() else _quantize_backward  # create_graph=True: no graph
+        grad_weight, grad_scale = backward(weight, scale, ctx.scheme, grad_output, weight_grad=needs[0],
+                                           scale_grad=needs[1])
         return grad_weight, grad_scale, None, None
 
 
