@@ -30,6 +30,19 @@ logger = logging.getLogger(__name__)
 DEMO_DEFAULTS = dict(w_bits="4", max_steps=30, block=256, batch=4, lr=1e-4)
 
 
+def bf16_is_native() -> bool:
+    """Whether this machine computes in bf16 (a GPU with bf16, or a CPU with AVX-512/AMX bf16 that
+    oneDNN uses). Elsewhere bf16 matrix products are emulated: on an AVX2-only AMD EPYC they ran ~9×
+    slower than fp32 (``benchmarks/RESULTS.md``, 2026-12-02 fourth session), and the demo with them
+    would take most of an hour."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def _eval_ppl(model, eval_ds, workdir: str, bf16: bool) -> float:
     from transformers import TrainingArguments, default_data_collator
 
@@ -48,7 +61,8 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
     model_dir = smollm2_folder(cache)
     train_file, eval_file = kjv_demo_files(cache / "data")
     tokenizer = load_tokenizer(model_dir)
-    bf16 = True  # bf16 autocast compute, fp32 master weights
+    bf16 = bf16_is_native()  # bf16 autocast compute where it is fast, fp32 master weights either way
+    print(f"      compute: {'bf16 autocast' if bf16 else 'fp32 (no native bf16 arithmetic here)'}", flush=True)
     _, eval_ds = build_datasets(tokenizer, train_file, eval_file, block_size=DEMO_DEFAULTS["block"],
                                 cache_dir=str(cache / "tokens"))
 
@@ -73,7 +87,7 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
         "--model_max_length", str(DEMO_DEFAULTS["block"]), "--per_device_train_batch_size", str(DEMO_DEFAULTS["batch"]),
         "--per_device_eval_batch_size", "8", "--max_steps", str(max_steps), "--learning_rate", str(DEMO_DEFAULTS["lr"]),
         "--warmup_steps", "3", "--logging_steps", "5", "--save_steps", str(max_steps), "--save_total_limit", "1",
-        "--bf16", "--seed", "0", "--cache_dir", str(cache / "tokens"),
+        *(["--bf16"] if bf16 else []), "--seed", "0", "--cache_dir", str(cache / "tokens"),
     ])
     metrics = run_training(cfg)
     qat_ppl = metrics["perplexity"]
@@ -81,7 +95,7 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
     print("[5/5] packed export ...", flush=True)
     packed = _export_packed(metrics["final_model_dir"], out / f"packed_w{w_bits}")
 
-    results = {"model": "SmolLM2-135M-Instruct", "data": "KJV (train: Genesis–Judges, eval: Ruth, Jonah, Esther)",
+    results = {"model": "SmolLM2-135M-Instruct", "compute": "bf16 autocast" if bf16 else "fp32", "data": "KJV (train: Genesis–Judges, eval: Ruth, Jonah, Esther)",
                "w_bits": w_bits, "steps": max_steps, "tokens_per_step": DEMO_DEFAULTS["batch"] * DEMO_DEFAULTS["block"],
                "fp_perplexity": fp_ppl, "rtn_perplexity": rtn_ppl, "qat_perplexity": qat_ppl,
                "train_seconds": metrics.get("train_wall_seconds"), "total_seconds": round(time.perf_counter() - t0, 1),
