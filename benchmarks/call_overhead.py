@@ -101,8 +101,9 @@ def main(argv=None):
     if not args.no_append:
         command = "python benchmarks/call_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Quantizer cost per layer call, 64×32 weight (call_overhead.py)", command.strip(), lines,
-                       note=f"forward + backward through autograd, bf16 autocast, 2-bit per row, 1 thread; median over "
-                            f"{args.rounds} rounds of the best of 5 × {args.calls} calls; sources alternate round by round")
+                       note=f"forward + backward through autograd, bf16 autocast, 2-bit per row, 1 thread; "
+                            f"median over {args.rounds} rounds of the best of 5 × {args.calls} calls; "
+                            "sources alternate round by round")
 
 
 if __name__ == "__main__":

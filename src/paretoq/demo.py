@@ -62,7 +62,8 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
     train_file, eval_file = kjv_demo_files(cache / "data")
     tokenizer = load_tokenizer(model_dir)
     bf16 = bf16_is_native()  # bf16 autocast compute where it is fast, fp32 master weights either way
-    print(f"      compute: {'bf16 autocast' if bf16 else 'fp32 (no native bf16 arithmetic here)'}", flush=True)
+    print(f"      compute: {'bf16 autocast' if bf16 else 'fp32 (no native bf16 arithmetic here)'}",
+          flush=True)
     _, eval_ds = build_datasets(tokenizer, train_file, eval_file, block_size=DEMO_DEFAULTS["block"],
                                 cache_dir=str(cache / "tokens"))
 
@@ -95,7 +96,8 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
     print("[5/5] packed export ...", flush=True)
     packed = _export_packed(metrics["final_model_dir"], out / f"packed_w{w_bits}")
 
-    results = {"model": "SmolLM2-135M-Instruct", "compute": "bf16 autocast" if bf16 else "fp32", "data": "KJV (train: Genesis–Judges, eval: Ruth, Jonah, Esther)",
+    results = {"model": "SmolLM2-135M-Instruct", "compute": "bf16 autocast" if bf16 else "fp32",
+               "data": "KJV (train: Genesis–Judges, eval: Ruth, Jonah, Esther)",
                "w_bits": w_bits, "steps": max_steps, "tokens_per_step": DEMO_DEFAULTS["batch"] * DEMO_DEFAULTS["block"],
                "fp_perplexity": fp_ppl, "rtn_perplexity": rtn_ppl, "qat_perplexity": qat_ppl,
                "train_seconds": metrics.get("train_wall_seconds"), "total_seconds": round(time.perf_counter() - t0, 1),
