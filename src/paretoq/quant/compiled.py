@@ -69,7 +69,8 @@ class CompiledQuantizer:
     """The compiled forward and backward, with a one-time fallback to eager on failure.
 
     Called once per layer in forward and in backward, so the Python around the kernels is kept
-    short: it runs with autograd already off (inside ``FakeQuantize``), views only grouped weights.
+    short: its callers run it with autograd off (``FakeQuantize``, the no-grad public functions); it
+    views only grouped weights.
     """
 
     def __init__(self):
@@ -91,22 +92,17 @@ class CompiledQuantizer:
                                                         device=weight.device)
         return s_g
 
-    def _call(self, fn, *args):
-        """``fn(*args)`` without autograd; the first call of a signature compiles it.
+    def _call(self, fn, signature: tuple, *args):
+        """``fn(*args)`` (callers run it without autograd); the first call of a signature compiles it.
 
         Compiled with two settings: Python floats as constants (by default Dynamo passes the floor
         1e-5 of α̃ into the kernel as a 0-d tensor made on every call, ~17 µs), and no "duck
         sizing" (by default, dimensions that happen to be equal at the first call — a square
         weight's rows and columns — become one symbol, and the first non-square layer recompiles).
-        The signature holds what Dynamo guards on; a recompile for anything else gives the same
-        numbers, only slower per call."""
-        if torch.is_grad_enabled():  # callers run without autograd; this keeps it so for any other
-            with torch.no_grad():
-                return self._call(fn, *args)
-        w, grad = args[0], args[3] if len(args) > 4 else None
-        device = w.device.type
-        key = (fn, id(args[2]), args[-1] if grad is None else grad.dtype, w.dtype, device,
-               torch.is_autocast_enabled(device), torch.is_inference_mode_enabled())
+        ``signature`` (with device, autocast and inference mode added here) holds what Dynamo
+        guards on; a recompile for anything else gives the same numbers, only slower per call."""
+        device = args[0].device.type
+        key = (fn, *signature, device, torch.is_autocast_enabled(device), torch.is_inference_mode_enabled())
         if key in self._traced:
             return fn(*args)
         with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):
@@ -118,7 +114,7 @@ class CompiledQuantizer:
         w, a = _rows(weight, scale)
         grouped = scale.shape[-1] != 1
         try:
-            out = self._call(self.forward_fn, w, a, scheme, dtype)
+            out = self._call(self.forward_fn, (id(scheme), w.dtype, dtype), w, a, scheme, dtype)
         except Exception as e:  # noqa: BLE001 -- any compile failure: fall back, same numbers
             self._fallback(e)
             return functional.quantize_weight(weight, scale, scheme, dtype)
@@ -128,7 +124,8 @@ class CompiledQuantizer:
         w, a = _rows(weight, scale)
         grouped = scale.shape[-1] != 1
         try:
-            gw, ga = self._call(self.backward_fn, w, a, scheme, grad.reshape(w.shape) if grouped else grad.contiguous(),
+            g = grad.reshape(w.shape) if grouped else grad.contiguous()
+            gw, ga = self._call(self.backward_fn, (id(scheme), w.dtype, g.dtype), w, a, scheme, g,
                                 self._grad_scale(weight, scheme))
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
