@@ -10,6 +10,7 @@ import torch
 
 from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
+from paretoq.quant.kernel import Kernel
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ def test_kernels_take_no_per_call_float_inputs(fused):
     into the graph as a 0-d tensor it builds on every call."""
     seen = []
 
-    def record(gm, example_inputs):
+    def record(gm, example_inputs, graphs):
         seen.append([(tuple(x.shape), x.dtype) for x in example_inputs if isinstance(x, torch.Tensor)])
         return gm.forward
 
@@ -98,8 +99,8 @@ def test_kernels_take_no_per_call_float_inputs(fused):
 
     torch._dynamo.reset()  # Dynamo's cache is per function, whatever the backend: start empty
     quantizer = compiled.functional._FUSED
-    quantizer.forward_fn = torch.compile(compiled._forward, dynamic=True, backend=record)
-    quantizer.backward_fn = torch.compile(compiled._backward, dynamic=True, backend=record)
+    quantizer.forward_fn = Kernel(compiled._forward, record)
+    quantizer.backward_fn = Kernel(compiled._backward, record)
     w = torch.nn.Parameter(torch.randn(16, 32) * 0.05)
     a = torch.nn.Parameter(init_scale(w.detach(), SCHEMES[4], None))
     try:

@@ -16,9 +16,10 @@ sees, which would compile once per distinct layer shape and, past its recompile 
 back to eager without a word.
 
 Per call (each layer, forward and backward, every step) the Python around the kernels costs about
-as much as the kernels themselves at small micro-batches, so that path is kept short: no
-``no_grad`` re-entry, no views of per-row weights, no float turned into a tensor per call
-(``CompiledQuantizer._call``).
+as much as the kernels themselves at small micro-batches, so that path is kept short: the
+compiled kernels are called without Dynamo's per-call machinery, under its guards
+(``paretoq.quant.kernel``), with no ``no_grad`` re-entry, no views of per-row weights and no float
+turned into a tensor per call.
 
 ``enable(True)`` switches every ``fake_quantize`` (and the fake-quant cache's flush) to these
 kernels; ``paretoq train`` does it for a run on CPU (``--compile_quantizer auto``, the default)
@@ -31,9 +32,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.fx.experimental._config as shape_config
 
 from paretoq.quant import functional
+from paretoq.quant.kernel import Kernel
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,9 @@ class CompiledQuantizer:
     """
 
     def __init__(self):
-        self.forward_fn = torch.compile(_forward, dynamic=True)
-        self.backward_fn = torch.compile(_backward, dynamic=True)
+        self.forward_fn = Kernel(_forward)
+        self.backward_fn = Kernel(_backward)
         self._grad_scales = {}  # (numel, grad_qp, device) → s_g as a tensor (a float would recompile per value)
-        self._traced = set()  # call signatures already compiled with module floats baked in
 
     def _fallback(self, error: Exception) -> None:
         logger.warning("compiled quantizer unavailable (%s: %s); using the eager quantizer",
@@ -92,29 +92,11 @@ class CompiledQuantizer:
                                                         device=weight.device)
         return s_g
 
-    def _call(self, fn, signature: tuple, *args):
-        """``fn(*args)`` (callers run it without autograd); the first call of a signature compiles it.
-
-        Compiled with two settings: Python floats as constants (by default Dynamo passes the floor
-        1e-5 of α̃ into the kernel as a 0-d tensor made on every call, ~17 µs), and no "duck
-        sizing" (by default, dimensions that happen to be equal at the first call — a square
-        weight's rows and columns — become one symbol, and the first non-square layer recompiles).
-        ``signature`` (with device, autocast and inference mode added here) holds what Dynamo
-        guards on; a recompile for anything else gives the same numbers, only slower per call."""
-        device = args[0].device.type
-        key = (fn, *signature, device, torch.is_autocast_enabled(device), torch.is_inference_mode_enabled())
-        if key in self._traced:
-            return fn(*args)
-        with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):
-            out = fn(*args)
-        self._traced.add(key)
-        return out
-
     def forward(self, weight, scale, scheme, dtype):
         w, a = _rows(weight, scale)
         grouped = scale.shape[-1] != 1
         try:
-            out = self._call(self.forward_fn, (id(scheme), w.dtype, dtype), w, a, scheme, dtype)
+            out = self.forward_fn(w, a, scheme, dtype)
         except Exception as e:  # noqa: BLE001 -- any compile failure: fall back, same numbers
             self._fallback(e)
             return functional.quantize_weight(weight, scale, scheme, dtype)
@@ -125,8 +107,7 @@ class CompiledQuantizer:
         grouped = scale.shape[-1] != 1
         try:
             g = grad.reshape(w.shape) if grouped else grad.contiguous()
-            gw, ga = self._call(self.backward_fn, (id(scheme), w.dtype, g.dtype), w, a, scheme, g,
-                                self._grad_scale(weight, scheme))
+            gw, ga = self.backward_fn(w, a, scheme, g, self._grad_scale(weight, scheme))
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
             return functional.quantize_backward(weight, scale, scheme, grad, weight_grad=weight_grad,
