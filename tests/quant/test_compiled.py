@@ -77,13 +77,29 @@ def test_layers_of_many_shapes_share_one_compilation(group, autocast, fused):
         out.float().sum().backward()
         assert w.grad is not None and a.grad is not None
 
-    torch._dynamo.reset()  # Dynamo's cache is per function: earlier tests' compilations would answer
+    compiled.forget()  # earlier tests' compilations would answer
     step(32, 32)  # the one compilation of forward and backward
     with torch._dynamo.config.patch(error_on_recompile=True):
         for rows, cols in ((48, 64), (64, 48), (96, 32), (40, 200), (200, 40), (128, 128), (56, 88),
                            (88, 56), (72, 24), (24, 72)):
             step(rows, cols)
     assert compiled.enabled()  # a recompile would have raised, and the quantizer fallen back to eager
+
+
+def test_enabling_again_reuses_the_compiled_kernels(fused):
+    """Dynamo keys its cache on the backend: kernels made anew per ``enable`` would compile each time
+    and, past the recompile limit (8), run eager code."""
+    import torch._dynamo
+
+    w = torch.nn.Parameter(torch.randn(24, 40) * 0.05)
+    a = torch.nn.Parameter(init_scale(w.detach(), SCHEMES[2], None))
+    compiled.forget()
+    fake_quantize(w, a, SCHEMES[2], torch.bfloat16).float().sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10):
+            compiled.enable(True)
+            fake_quantize(w, a, SCHEMES[2], torch.bfloat16).float().sum().backward()
+            assert compiled.enabled()
 
 
 def test_kernels_take_no_per_call_float_inputs(fused):

@@ -66,6 +66,20 @@ def _backward(w: torch.Tensor, a: torch.Tensor, scheme, grad: torch.Tensor, s_g:
     return g * mask, (coef * g * s_g).sum(dim=-1, keepdim=True)
 
 
+# One compiled pair per process, shared by every CompiledQuantizer: Dynamo keys its cache on the
+# backend, so kernels made per instance would compile anew each time, and past its recompile limit (8)
+# run eager code.
+FORWARD = Kernel(_forward)
+BACKWARD = Kernel(_backward)
+
+
+def forget() -> None:
+    """Drop every compilation (Dynamo's and the kernels'): the next call compiles afresh (tests)."""
+    torch._dynamo.reset()
+    FORWARD.forget()
+    BACKWARD.forget()
+
+
 class CompiledQuantizer:
     """The compiled forward and backward, with a one-time fallback to eager on failure.
 
@@ -75,8 +89,8 @@ class CompiledQuantizer:
     """
 
     def __init__(self):
-        self.forward_fn = Kernel(_forward)
-        self.backward_fn = Kernel(_backward)
+        self.forward_fn = FORWARD
+        self.backward_fn = BACKWARD
         self._grad_scales = {}  # (numel, grad_qp, device) → s_g as a tensor (a float would recompile per value)
 
     def _fallback(self, error: Exception) -> None:

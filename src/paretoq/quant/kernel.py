@@ -72,6 +72,10 @@ class Kernel:
                     return out[0] if single else tuple(out)
         return self._call_dynamo(args, f_locals)
 
+    def forget(self) -> None:
+        """Drop the kept compilations (Dynamo's own cache is ``torch._dynamo.reset()``'s)."""
+        self._entries = []
+
     def _call_dynamo(self, args, f_locals):
         self._new = []
         with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False), \
