@@ -8,9 +8,12 @@ training run (FP or ``paretoq train``) does: that import brings torch's compiler
 (``torch._dynamo``, ``torch._inductor``, sympy) along, so the fused kernels' fixed cost is what
 compiling adds on top. The ratio is peak RSS / FP peak RSS; both include the ~0.7 GB of imported
 torch + transformers, stated with the difference in MiB so the ratio can be read without it too.
+The FP peak itself moves by up to ~80 MiB from one process to the next (allocator state), so
+``--repeats N`` runs N rounds of one child per mode, alternating, and reports medians with the
+range of the per-round ratios.
 
     python benchmarks/memory.py [--model 60m] [--batch 1x256,4x512] [--precision bf16,fp32]
-                                [--quant 2:row] [--modes fp,ours,eager,ref] [--ga 1]
+                                [--quant 2:row] [--modes fp,ours,eager,ref] [--ga 1] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +63,7 @@ def main(argv=None):
     p.add_argument("--modes", default="fp,ours,eager,ref")
     p.add_argument("--ga", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="rounds of one child per mode; medians reported")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -79,18 +84,28 @@ def main(argv=None):
             for precision in args.precision.split(","):
                 common = ["--model", shape, "--batch", batch, "--precision", precision, "--quant", args.quant,
                           "--ga", str(args.ga), "--steps", str(args.steps), "--threads", str(args.threads)]
-                peaks = {m: run_child([*common, "--mode", m]) for m in modes}
-                fp = peaks["fp"]["peak_kib"]
-                cells = [f"{peaks[m]['peak_kib'] / fp:.3f} ({(peaks[m]['peak_kib'] - fp) / 1024:+.0f} MiB)"
-                         for m in modes[1:]]
-                line = (f"| {shape} | {batch} | {args.ga} | {precision} | {args.quant} | {fp / 1024:.0f} MiB | "
+                peaks = {m: [] for m in modes}
+                for _ in range(args.repeats):  # modes alternate: a slow drift of the machine hits all alike
+                    for m in modes:
+                        peaks[m].append(run_child([*common, "--mode", m])["peak_kib"])
+                fp = statistics.median(peaks["fp"])
+                cells = []
+                for m in modes[1:]:
+                    cell = f"{statistics.median(peaks[m]) / fp:.3f} ({(statistics.median(peaks[m]) - fp) / 1024:+.0f} MiB)"
+                    if args.repeats > 1:
+                        ratios = sorted(q / f for q, f in zip(peaks[m], peaks["fp"]))
+                        cell += f", rounds {ratios[0]:.3f}–{ratios[-1]:.3f}"
+                    cells.append(cell)
+                spread = f" ({min(peaks['fp']) / 1024:.0f}–{max(peaks['fp']) / 1024:.0f})" if args.repeats > 1 else ""
+                line = (f"| {shape} | {batch} | {args.ga} | {precision} | {args.quant} | {fp / 1024:.0f} MiB{spread} | "
                         + " | ".join(cells) + " |")
                 lines.append(line)
                 print(line, flush=True)
     if not args.no_append:
         cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Peak memory, QAT vs FP training (memory.py)", cmd, lines,
-                       note=f"ru_maxrss of one child process per cell, {args.steps} steps each (fused AdamW); "
+                       note=f"ru_maxrss of one child process per cell and round ({args.repeats} rounds, medians; "
+                            f"FP's range in brackets), {args.steps} steps each (fused AdamW); "
                             f"includes the ~0.7 GiB of imported torch + transformers (incl. transformers.Trainer)")
 
 
