@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import sys
 import time
 
 import torch
@@ -119,23 +120,22 @@ def main(argv=None):
                 if r >= 2:
                     times[(kind, part)].append(t)
     med = {key: statistics.median(v) for key, v in times.items()}
-    lines = ["| pass | FP cast ms (ns/el) | traffic ms (ns/el) | ours ms (ns/el) | bytes QAT must add: traffic − cast | "
-             "arithmetic: ours − traffic |", "|---|---|---|---|---|---|"]
+    lines = ["| pass | FP cast ms (ns/el) | traffic ms (ns/el) | ours ms (ns/el) "
+             "| bytes QAT must add: traffic − cast | arithmetic: ours − traffic |", "|---|---|---|---|---|---|"]
     for part in ("forward", "backward"):
         c, t, o = (med[(k, part)] for k in ("cast", "traffic", "ours"))
         cells = [f"{x * 1e3:.1f} ({x / elements * 1e9:.2f})" for x in (c, t, o)]
         lines.append(f"| {part} | " + " | ".join(cells) + f" | {(t - c) * 1e3:+.1f} ms | {(o - t) * 1e3:+.1f} ms |")
-    total = {k: med[(k, "forward")] + med[(k, "backward")] for k in KINDS}
-    lines.append(f"| step | {total['cast'] * 1e3:.1f} | {total['traffic'] * 1e3:.1f} | {total['ours'] * 1e3:.1f} | "
-                 f"{(total['traffic'] - total['cast']) * 1e3:+.1f} ms | {(total['ours'] - total['traffic']) * 1e3:+.1f} ms |")
-    note = (f"{len(layers)} weights of the 60M Llama ({elements / 1e6:.1f} M elements), {args.quant}, W fp32, Ŵ and g bf16; "
-            f"median of {args.rounds} rounds, kinds alternating; "
+    c, t, o = (1e3 * (med[(k, "forward")] + med[(k, "backward")]) for k in ("cast", "traffic", "ours"))
+    lines.append(f"| step | {c:.1f} | {t:.1f} | {o:.1f} | {t - c:+.1f} ms | {o - t:+.1f} ms |")
+    note = (f"{len(layers)} weights of the 60M Llama ({elements / 1e6:.1f} M elements), {args.quant}, W fp32, "
+            f"Ŵ and g bf16; median of {args.rounds} rounds, kinds alternating; "
             + ("glibc keeps freed memory (mallopt)" if steady else "allocator defaults (mallopt unavailable)"))
     if args.no_append:
         print(note)
         print("\n".join(lines))
     else:
-        cmd = "python benchmarks/kernel_traffic.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        cmd = "python benchmarks/kernel_traffic.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_results("Quantizer kernels against the bytes they must move (kernel_traffic.py)", cmd, lines, note=note)
 
 

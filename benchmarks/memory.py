@@ -91,7 +91,8 @@ def main(argv=None):
                 fp = statistics.median(peaks["fp"])
                 cells = []
                 for m in modes[1:]:
-                    cell = f"{statistics.median(peaks[m]) / fp:.3f} ({(statistics.median(peaks[m]) - fp) / 1024:+.0f} MiB)"
+                    peak = statistics.median(peaks[m])
+                    cell = f"{peak / fp:.3f} ({(peak - fp) / 1024:+.0f} MiB)"
                     if args.repeats > 1:
                         ratios = sorted(q / f for q, f in zip(peaks[m], peaks["fp"]))
                         cell += f", rounds {ratios[0]:.3f}–{ratios[-1]:.3f}"
