@@ -8,7 +8,11 @@ through autograd, for
 
 - ``cast``: FP training under autocast (W.to(bf16), its backward casts ∂L/∂Ŵ back to fp32);
 - ``fused``: ``fake_quantize`` with the compiled kernels (``paretoq train``'s CPU default);
-- ``eager``: ``fake_quantize`` with the eager kernels.
+- ``eager``: ``fake_quantize`` with the eager kernels;
+- a sketch of what the ``autograd.Function`` around the fused kernels costs: the same two kernels,
+  Ŵ handed to autograd as a leaf (its gradient stored by autograd's C++ accumulator) and pushed
+  through the backward kernel after ``backward()`` — what the fake-quant cache could do with one
+  micro-batch per step; not a path paretoq takes (W.grad would only be filled by a flush).
 
 ``--src DIR`` (repeatable) measures other checkouts' ``src`` too (e.g. a ``git worktree`` of an
 earlier commit): each source tree runs in its own child process, the children alternate round
@@ -61,12 +65,27 @@ def child(calls: int) -> None:
             times.append((time.perf_counter() - t0) / calls * 1e6)
         return min(times)
 
+    def leaf():
+        # a sketch, not paretoq's path: the same kernels with no autograd.Function around them. Ŵ is a
+        # leaf whose gradient autograd's C++ accumulator stores; one backward call after backward.
+        with torch.no_grad():
+            w_hat = compiled.FORWARD(w.detach(), a.detach(), scheme, torch.bfloat16)
+        w_hat.requires_grad_()
+        w_hat.backward(g)
+        with torch.no_grad():
+            w.grad, a.grad = compiled.BACKWARD(w.detach(), a.detach(), scheme, w_hat.grad, s_g)
+
+    s_g = torch.tensor(functional.gradient_scale(w.numel(), scheme))
     compiled.enable(True)
     for _ in range(3):
         quantized()  # compiles
     fused = best(quantized)
+    figures = {"cast": best(cast), "fused": fused}
+    if hasattr(compiled, "FORWARD"):  # older checkouts (--src) have no Kernel objects
+        leaf()
+        figures["leaf"] = best(leaf)
     compiled.enable(False)
-    print(json.dumps({"cast": best(cast), "fused": fused, "eager": best(quantized)}))
+    print(json.dumps({**figures, "eager": best(quantized)}))
 
 
 def main(argv=None):
@@ -89,14 +108,15 @@ def main(argv=None):
             out = subprocess.run([sys.executable, __file__, "--child", "--calls", str(args.calls)], env=env,
                                  capture_output=True, text=True, check=True)
             runs[tree].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    lines = ["| source | cast (FP) µs | fused µs | eager µs | fused − cast: µs per layer, ms per 60M step |",
-             "|---|---|---|---|---|"]
+    lines = ["| source | cast (FP) µs | fused µs | eager µs | fused − cast: µs per layer, ms per 60M step "
+             "| sketch: fused kernels, no autograd.Function (µs) |", "|---|---|---|---|---|---|"]
     for tree, rows in runs.items():
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
         extra = med["fused"] - med["cast"]
         name = "this checkout" if tree == str(SRC) else tree
+        leaf = f"{med['leaf']:.0f} (+{med['leaf'] - med['cast']:.0f} over cast)" if "leaf" in med else "—"
         lines.append(f"| {name} | {med['cast']:.0f} | {med['fused']:.0f} | {med['eager']:.0f} | "
-                     f"{extra:.0f} µs, {extra * LAYERS_60M / 1e3:.1f} ms |")
+                     f"{extra:.0f} µs, {extra * LAYERS_60M / 1e3:.1f} ms | {leaf} |")
     print("\n".join(lines))
     if not args.no_append:
         command = "python benchmarks/call_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
