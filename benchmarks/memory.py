@@ -8,7 +8,7 @@ training run (FP or ``paretoq train``) does: that import brings torch's compiler
 (``torch._dynamo``, ``torch._inductor``, sympy) along, so the fused kernels' fixed cost is what
 compiling adds on top. The ratio is peak RSS / FP peak RSS; both include the ~0.7 GB of imported
 torch + transformers, stated with the difference in MiB so the ratio can be read without it too.
-The FP peak itself moves by up to ~80 MiB from one process to the next (allocator state), so
+The FP peak itself moves by up to ~110 MiB from one process to the next (allocator state), so
 ``--repeats N`` runs N rounds of one child per mode, alternating, and reports medians with the
 range of the per-round ratios.
 
