@@ -34,14 +34,11 @@ import time
 
 import torch
 
-from qat_overhead import append_results, parse_quant
+from qat_overhead import append_results, build_model, parse_quant
 
 from paretoq.quant import compiled, functional
 from paretoq.quant.kernel import Kernel
-
-HIDDEN, INTERMEDIATE, LAYERS = 512, 1408, 8  # the 60M Llama of qat_overhead.py
-SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 2 + [(HIDDEN, INTERMEDIATE)]
-
+from paretoq.quant.linear import QuantLinear
 
 def _cast_forward(w, a, scheme, dtype):
     return w.to(dtype)
@@ -64,17 +61,16 @@ KINDS = {
 
 
 def weights(bits: float, group: int | None):
+    """(scheme, [(W, α, g, s_g)]) for every QuantLinear of ``qat_overhead``'s 60M Llama, as the kernels see them."""
+    model = build_model("60m", bits, group)
     scheme = functional.SCHEMES[bits]
     gen = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(LAYERS):
-        for m, n in SHAPES:
-            w = torch.randn(m, n, generator=gen) * 0.02
-            a = functional.init_scale(w, scheme, group)
-            w, a = compiled._rows(w, a)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            w, a = compiled._rows(m.weight, m.weight_clip_val)
             g = torch.randn(w.shape, generator=gen).to(torch.bfloat16)
-            s_g = torch.tensor(functional.gradient_scale(m * n, scheme))
-            out.append((w, a, g, s_g))
+            out.append((w, a, g, torch.tensor(functional.gradient_scale(m.weight.numel(), scheme))))
     return scheme, out
 
 
