@@ -40,6 +40,7 @@ from paretoq.quant import compiled, functional
 from paretoq.quant.kernel import Kernel
 from paretoq.quant.linear import QuantLinear
 
+
 def _cast_forward(w, a, scheme, dtype):
     return w.to(dtype)
 
