@@ -142,6 +142,33 @@ def test_disabling_flushes_pending_gradients():
     assert layer.weight.grad is not None and layer._cache_grad is None
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_pending_gradient_is_held_not_copied_and_never_written(monkeypatch, autocast, micro_batches):
+    """One micro-batch: autograd's ∂L/∂Ŵ (bf16 under autocast) is held as it is and read once by the
+    flush, never written (the eager backward may write in place only into a buffer of its own);
+    a second micro-batch starts an fp32 sum of our own."""
+    layer = _layer(2)
+    set_fake_quant_cache(layer)
+    handed = []
+    add_grad = layer._add_grad
+    monkeypatch.setattr(layer, "_add_grad", lambda g: (handed.append((g, g.clone())), add_grad(g)))
+    for _ in range(micro_batches):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(torch.randn(3, 64))
+        y.sum().backward()
+    held = layer._cache_grad
+    if micro_batches == 1:
+        assert held is handed[0][0] and held.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert not layer._cache_grad_owned
+    else:
+        assert all(held is not g for g, _ in handed) and held.dtype == torch.float32 and layer._cache_grad_owned
+    flush_fake_quant_grads(layer)
+    for g, before in handed:
+        assert torch.equal(g, before)
+    assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.data_ptr() != handed[0][0].data_ptr()
+
+
 def _model_grads(cache, checkpointing, steps_of_micro_batches):
     model = tiny_llama(layers=2, hidden=64, vocab=128, seed=3).train()
     quantize_model(model, QuantConfig(w_bits=2, group_size=32))

@@ -11,9 +11,9 @@ Fake-quant cache (opt-in: ``set_fake_quant_cache(model)``; ``QATTrainer`` turns 
 single-process runs). W and α change only at the optimizer step, so Ŵ is computed once per step
 instead of once per forward (gradient accumulation, gradient checkpointing's recomputation).
 Backward does not go through the quantizer each micro-batch either: the gradients g_i = ∂L_i/∂Ŵ
-are summed in fp32 and ``flush_fake_quant_grads(model)`` (before gradient clipping and the
-optimizer step) turns the sum into ∂L/∂W and ∂L/∂α once. That is exact because both are linear
-in g for fixed W and α:
+are summed in fp32 (a single g_1 is held as autograd hands it over, bf16 under autocast: no copy)
+and ``flush_fake_quant_grads(model)`` (before gradient clipping and the optimizer step) turns the
+sum into ∂L/∂W and ∂L/∂α once. That is exact because both are linear in g for fixed W and α:
 
     ∂L/∂W = M ⊙ Σ_i g_i = Σ_i M ⊙ g_i        (bit for bit: M is 0/1, Σ g_i summed in the same order)
     ∂L/∂α = s_g Σ_row c ⊙ Σ_i g_i = Σ_i s_g Σ_row c ⊙ g_i   (equal up to fp32 summation order)
@@ -105,7 +105,8 @@ class QuantLinear(nn.Linear):
     def _clear_cache(self) -> None:
         self._cache_state = None  # (versions, storages) of W and α the cache was built from
         self._cache_weight = None  # Ŵ in the compute dtype
-        self._cache_grad = None  # Σ ∂L/∂Ŵ (fp32) not yet pushed through the quantizer
+        self._cache_grad = None  # Σ ∂L/∂Ŵ not yet pushed through the quantizer (fp32 from the 2nd micro-batch)
+        self._cache_grad_owned = False  # whether _cache_grad is our buffer (else autograd's tensor: read only)
 
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w, a = self.weight, self.weight_clip_val
@@ -125,18 +126,23 @@ class QuantLinear(nn.Linear):
 
     def _add_grad(self, grad: torch.Tensor) -> None:
         if self._cache_grad is None:
-            self._cache_grad = torch.empty_like(self.weight, dtype=torch.float32).copy_(grad)
-        else:  # fp32 += fp32: a bf16 operand would take a slow mixed-dtype path
-            self._cache_grad.add_(grad.to(torch.float32))
+            # held as autograd hands it over (bf16 under autocast), not copied: with one micro-batch
+            # per step the flush's kernel reads it once, as the uncached backward would
+            self._cache_grad, self._cache_grad_owned = grad, False
+            return
+        if not self._cache_grad_owned:  # a second micro-batch: sum in an fp32 buffer of our own
+            self._cache_grad = torch.empty_like(self.weight, dtype=torch.float32).copy_(self._cache_grad)
+            self._cache_grad_owned = True
+        self._cache_grad.add_(grad.to(torch.float32))  # fp32 += fp32: a bf16 operand takes a slow mixed-dtype path
 
     def flush_grad(self) -> None:
         """Push the summed ∂L/∂Ŵ through the quantizer backward into W.grad and α.grad; drop the cache."""
-        grad, w, a = self._cache_grad, self.weight, self.weight_clip_val
+        grad, owned, w, a = self._cache_grad, self._cache_grad_owned, self.weight, self.weight_clip_val
         self._clear_cache()
         if grad is None:
             return
         gw, ga = quantize_backward(w, a, self.scheme, grad, weight_grad=w.requires_grad, scale_grad=a.requires_grad,
-                                   inplace=True)
+                                   inplace=owned)
         for p, g in ((w, gw), (a, ga)):
             if g is not None:
                 p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
