@@ -22,6 +22,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("PARETOQ_COMPILE_QUANTIZER", "false")
 
 
+@pytest.fixture(scope="session")
+def prebuilt_kernels():
+    """The CPU kernels (``paretoq.quant.prebuilt``) the quantizer tests call, built up front in parallel
+    child processes (minutes on a machine that never built them, then read from the disk cache):
+    every scheme's forward and short-row backward, fp32 and bf16."""
+    from paretoq.quant import compiled
+    from paretoq.quant.functional import SCHEMES
+
+    f32 = torch.float32
+    calls = []
+    for scheme in SCHEMES.values():
+        for dtype in (f32, torch.bfloat16):
+            calls += [(compiled.FORWARD_CPU, (f32, f32, scheme, dtype)),
+                      (compiled.BACKWARD_CPU, (f32, f32, scheme, dtype, f32, False))]
+    from paretoq.quant import prebuilt
+
+    prebuilt.prepare(calls)
+
+
 @pytest.fixture
 def fixture_dir() -> Path:
     if not FIXTURE.is_dir():

@@ -1,5 +1,7 @@
-"""The fused (torch.compile) quantizer against the eager one: same Ŵ and ∂L/∂W bits, ∂L/∂α to
-summation order, and a clean fallback when compiling fails."""
+"""The fused quantizer against the eager one: same Ŵ and ∂L/∂W bits, ∂L/∂α to summation order, and
+a clean fallback when compiling fails. On CPU tensors it runs the kernels built ahead of time
+(``prebuilt.py``, the ``fused`` fixture); ``fused_jit`` puts it on the ``torch.compile`` path
+(``kernel.Kernel``) that other devices take."""
 
 from __future__ import annotations
 
@@ -14,8 +16,17 @@ from paretoq.quant.kernel import Kernel
 
 
 @pytest.fixture
-def fused():
+def fused(prebuilt_kernels):
     compiled.enable(True)
+    yield
+    compiled.enable(False)
+
+
+@pytest.fixture
+def fused_jit():
+    compiled.enable(True)
+    compiled.functional._FUSED.forward_fn = compiled.FORWARD
+    compiled.functional._FUSED.backward_fn = compiled.BACKWARD
     yield
     compiled.enable(False)
 
@@ -29,7 +40,10 @@ def _grads(w, a, scheme, dtype, g):
 
 @pytest.mark.parametrize("bits", sorted(SCHEMES))
 @pytest.mark.parametrize("group", [None, 16])
-def test_compiled_matches_eager(bits, group, fused):
+@pytest.mark.parametrize("path", ["prebuilt", "jit"])
+def test_compiled_matches_eager(bits, group, path, request):
+    request.getfixturevalue("fused" if path == "prebuilt" else "fused_jit")
+    kernels = compiled.functional._FUSED.forward_fn, compiled.functional._FUSED.backward_fn
     scheme = SCHEMES[bits]
     gen = torch.Generator().manual_seed(int(bits * 100) + (group or 0))
     for shape, dtype in (((48, 64), torch.float32), ((32, 96), torch.bfloat16)):
@@ -40,6 +54,7 @@ def test_compiled_matches_eager(bits, group, fused):
         compiled.enable(False)
         slow = _grads(w, a, scheme, dtype, g)
         compiled.enable(True)
+        compiled.functional._FUSED.forward_fn, compiled.functional._FUSED.backward_fn = kernels
         assert fast[0].dtype == dtype and torch.equal(fast[0], slow[0])
         assert torch.equal(fast[1], slow[1])
         # the same products summed in another order: cancellation makes small sums differ relatively more
@@ -61,7 +76,7 @@ def test_compile_failure_falls_back_to_eager_once(fused, caplog):
 
 
 @pytest.mark.parametrize("group, autocast", [(None, False), (8, True)])
-def test_layers_of_many_shapes_share_one_compilation(group, autocast, fused):
+def test_layers_of_many_shapes_share_one_compilation(group, autocast, fused_jit):
     """Parameters go in detached: Dynamo would otherwise specialise on each parameter's shape and,
     past its recompile limit, silently run the eager code. The first weight is square: with Dynamo's
     "duck sizing" its equal dimensions would become one symbol and the next shape recompile."""
@@ -86,7 +101,7 @@ def test_layers_of_many_shapes_share_one_compilation(group, autocast, fused):
     assert compiled.enabled()  # a recompile would have raised, and the quantizer fallen back to eager
 
 
-def test_enabling_again_reuses_the_compiled_kernels(fused):
+def test_enabling_again_reuses_the_compiled_kernels(fused_jit):
     """Dynamo keys its cache on the backend: kernels made anew per ``enable`` would compile each time
     and, past the recompile limit (8), run eager code."""
     import torch._dynamo
@@ -102,7 +117,7 @@ def test_enabling_again_reuses_the_compiled_kernels(fused):
             assert compiled.enabled()
 
 
-def test_kernels_take_no_per_call_float_inputs(fused):
+def test_kernels_take_no_per_call_float_inputs(fused_jit):
     """Python floats (α̃'s floor 1e-5) are compiled in as constants: by default Dynamo passes a float
     into the graph as a 0-d tensor it builds on every call."""
     seen = []

@@ -35,6 +35,8 @@ import torch
 
 from paretoq.quant import functional
 from paretoq.quant.kernel import Kernel
+from paretoq.quant import prebuilt
+from paretoq.quant.prebuilt import Prebuilt
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,23 @@ def _backward(w: torch.Tensor, a: torch.Tensor, scheme, grad: torch.Tensor, s_g:
 FORWARD = Kernel(_forward)
 BACKWARD = Kernel(_backward)
 
+# On CPU the same functions as kernels built ahead of time (``prebuilt.py``): no compiler in the
+# training process. The backward's row sum is where Inductor compiles a size regime in: rows longer
+# than 4096 values are summed in chunks (its CascadeSumHelper, for accuracy), so a kernel traced on
+# short rows refuses long ones and each regime gets its own.
+_LONG_ROW = 4096
+FORWARD_CPU = Prebuilt(_forward, (("rows", "cols"), ("rows", 1), None, None), other=FORWARD,
+                       examples={None: {"rows": 64, "cols": 48}})
+BACKWARD_CPU = Prebuilt(_backward, (("rows", "cols"), ("rows", 1), None, ("rows", "cols"), ()), other=BACKWARD,
+                        variant=lambda w, *_: w.shape[1] > _LONG_ROW,
+                        examples={False: {"rows": 64, "cols": 48}, True: {"rows": 8, "cols": _LONG_ROW + 8}})
+
 
 def forget() -> None:
     """Drop every compilation (Dynamo's and the kernels'): the next call compiles afresh (tests)."""
     torch._dynamo.reset()
-    FORWARD.forget()
-    BACKWARD.forget()
+    for kernel in (FORWARD, BACKWARD, FORWARD_CPU, BACKWARD_CPU):
+        kernel.forget()
 
 
 class CompiledQuantizer:
@@ -89,8 +102,8 @@ class CompiledQuantizer:
     """
 
     def __init__(self):
-        self.forward_fn = FORWARD
-        self.backward_fn = BACKWARD
+        self.forward_fn = FORWARD_CPU  # CPU tensors: built ahead; others: FORWARD
+        self.backward_fn = BACKWARD_CPU
         self._grad_scales = {}  # (numel, grad_qp, device) → s_g as a tensor (a float would recompile per value)
 
     def _fallback(self, error: Exception) -> None:
@@ -128,6 +141,25 @@ class CompiledQuantizer:
                                                 scale_grad=scale_grad)
         return ((gw.view(weight.shape) if grouped else gw) if weight_grad else None,
                 (ga.view(scale.shape) if grouped else ga) if scale_grad else None)
+
+
+def prebuild(schemes, dtype: torch.dtype) -> None:
+    """Build (where not on disk) and load the CPU kernels that training ``schemes`` in ``dtype`` calls:
+    Ŵ in ``dtype``; ∂L/∂W from a ``dtype`` gradient (each micro-batch) or an fp32 one (the fake-quant
+    cache's sum), on short and long rows. ``paretoq train`` calls it before loading the model, so the
+    build's child processes (~0.5 GB each, seconds to a minute, once per machine) never share memory
+    with training. Falls back to the eager quantizer (one warning) if they cannot be built."""
+    f32 = torch.float32
+    calls = []
+    for scheme in schemes:
+        calls.append((FORWARD_CPU, (f32, f32, scheme, dtype)))
+        calls += [(BACKWARD_CPU, (f32, f32, scheme, grad, f32, long)) for grad in dict.fromkeys((dtype, f32))
+                  for long in (False, True)]
+    try:
+        prebuilt.prepare(calls)
+    except (prebuilt.BuildError, RuntimeError, OSError) as e:
+        if enabled():
+            functional._FUSED._fallback(e)
 
 
 def enable(on: bool = True) -> None:

@@ -118,6 +118,9 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
         check_checkpoint_matches(resume, cfg)
         check_checkpoint_files(resume)  # safetensors weights; Trainer state files hold only tensors
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
+    if compiled.enabled() and cfg.quant.enabled and (args.use_cpu or not torch.cuda.is_available()):
+        # the CPU kernels, built (once per machine, in child processes) before the model takes memory
+        compiled.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
 
@@ -141,7 +144,7 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
                             processing_class=tokenizer, data_collator=default_data_collator,
                             callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
-    logger.info("quantizer: %s", "fused kernels (torch.compile)" if compiled.enabled() else "eager")
+    logger.info("quantizer: %s", "fused kernels" if compiled.enabled() else "eager")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - start, 2)
