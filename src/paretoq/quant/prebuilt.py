@@ -124,8 +124,8 @@ class Prebuilt:
         first = args[self._tensor_args[0]]
         if first.device.type != "cpu":
             return self.other(*args)
-        if torch._C._len_torch_dispatch_stack() or min(first.shape) < _MIN_SIZE:  # a FLOP counter sees eager ops
-            return self.fn(*args)
+        if torch._C._len_torch_dispatch_stack() or min(first.shape) < _MIN_SIZE or not first.is_contiguous():
+            return self.fn(*args)  # (a dispatch mode such as a FLOP counter sees the eager ops)
         key = self.key(args)
         runner = self._runners.get(key)
         if runner is None:

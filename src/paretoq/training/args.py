@@ -73,9 +73,10 @@ class RunArguments:
                                                           "(re-running the same command does so too)"})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/logs)"})
     compile_quantizer: str = field(default="auto", metadata={
-        "help": "fused quantizer kernels via torch.compile: auto (on when training on CPU; default from "
+        "help": "fused quantizer kernels (Inductor): auto (on when training on CPU; default from "
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
-                "seconds of compiling once, faster steps (paretoq/quant/compiled.py)"})
+                "faster steps; on CPU built once per machine into ~/.cache/paretoq/kernels "
+                "($PARETOQ_KERNEL_CACHE), ~1 min (paretoq/quant/compiled.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
