@@ -69,11 +69,15 @@ def child(calls: int) -> None:
         # a sketch, not paretoq's path: the same kernels with no autograd.Function around them. Ŵ is a
         # leaf whose gradient autograd's C++ accumulator stores; one backward call after backward.
         with torch.no_grad():
-            w_hat = compiled.FORWARD(w.detach(), a.detach(), scheme, torch.bfloat16)
+            w_hat = forward(w.detach(), a.detach(), scheme, torch.bfloat16)
         w_hat.requires_grad_()
         w_hat.backward(g)
         with torch.no_grad():
-            w.grad, a.grad = compiled.BACKWARD(w.detach(), a.detach(), scheme, w_hat.grad, s_g)
+            w.grad, a.grad = backward(w.detach(), a.detach(), scheme, w_hat.grad, s_g)
+
+    # the kernels the fused quantizer calls on CPU: built ahead (FORWARD_CPU) or, before, torch.compile'd
+    forward = getattr(compiled, "FORWARD_CPU", getattr(compiled, "FORWARD", None))
+    backward = getattr(compiled, "BACKWARD_CPU", getattr(compiled, "BACKWARD", None))
 
     s_g = torch.tensor(functional.gradient_scale(w.numel(), scheme))
     compiled.enable(True)
@@ -81,7 +85,7 @@ def child(calls: int) -> None:
         quantized()  # compiles
     fused = best(quantized)
     figures = {"cast": best(cast), "fused": fused}
-    if hasattr(compiled, "FORWARD"):  # older checkouts (--src) have no Kernel objects
+    if forward is not None:  # older checkouts (--src) have no Kernel objects
         leaf()
         figures["leaf"] = best(leaf)
     compiled.enable(False)
