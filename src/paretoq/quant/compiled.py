@@ -39,10 +39,8 @@ import logging
 
 import torch
 
-from paretoq.quant import functional
+from paretoq.quant import functional, prebuilt
 from paretoq.quant.kernel import Kernel
-from paretoq.quant import prebuilt
-from paretoq.quant.prebuilt import Prebuilt
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +83,11 @@ BACKWARD = Kernel(_backward)
 # than 4096 values are summed in chunks (its CascadeSumHelper, for accuracy), so a kernel traced on
 # short rows refuses long ones and each regime gets its own.
 _LONG_ROW = 4096
-FORWARD_CPU = Prebuilt(_forward, (("rows", "cols"), ("rows", 1), None, None), other=FORWARD,
-                       examples={None: {"rows": 64, "cols": 48}})
-BACKWARD_CPU = Prebuilt(_backward, (("rows", "cols"), ("rows", 1), None, ("rows", "cols"), ()), other=BACKWARD,
-                        variant=lambda w, *_: w.shape[1] > _LONG_ROW,
-                        examples={False: {"rows": 64, "cols": 48}, True: {"rows": 8, "cols": _LONG_ROW + 8}})
+FORWARD_CPU = prebuilt.Prebuilt(_forward, (("rows", "cols"), ("rows", 1), None, None), other=FORWARD,
+                                examples={None: {"rows": 64, "cols": 48}})
+BACKWARD_CPU = prebuilt.Prebuilt(_backward, (("rows", "cols"), ("rows", 1), None, ("rows", "cols"), ()),
+                                 other=BACKWARD, variant=lambda w, *_: w.shape[1] > _LONG_ROW,
+                                 examples={False: {"rows": 64, "cols": 48}, True: {"rows": 8, "cols": _LONG_ROW + 8}})
 
 
 def forget() -> None:
