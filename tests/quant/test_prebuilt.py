@@ -72,15 +72,21 @@ def test_rows_longer_than_4096_get_their_own_backward(fused):
 
 
 def test_inputs_the_kernel_was_not_built_for_run_the_eager_math(fused):
-    """AOTInductor checks every call's inputs (this module turns the check on): a strided weight or
-    a one-row weight would otherwise be read as the compiled layout."""
+    """A strided or one-row weight goes to the eager math before the kernel; any other input the kernel
+    was not built for (here a strided scale) is refused by AOTInductor's own check, which this module
+    turns on, instead of being read as the compiled layout."""
     scheme = SCHEMES[2]
+    compiled.FORWARD_CPU.forget()
     full = torch.randn(40, 48) * 0.05
     for w in (full.t().contiguous().t()[:, :40], full[:1]):  # column-major (strides (1, 40)); one row
         a = init_scale(w, scheme, None)
-        out = compiled.FORWARD_CPU(w, a, scheme, BF16)
-        assert torch.equal(out, compiled._forward(w, a, scheme, BF16))
-    assert compiled.FORWARD_CPU.loaded()  # the kernel itself was there and refused the strided call
+        assert torch.equal(compiled.FORWARD_CPU(w, a, scheme, BF16), compiled._forward(w, a, scheme, BF16))
+    assert compiled.FORWARD_CPU.loaded() == []
+    w = full.contiguous()
+    a = init_scale(w, scheme, None).repeat(1, 2)[:, :1]  # (40, 1) with strides (2, 1)
+    assert not a.is_contiguous()
+    assert torch.equal(compiled.FORWARD_CPU(w, a, scheme, BF16), compiled._forward(w, a, scheme, BF16))
+    assert compiled.FORWARD_CPU.loaded() == [(F32, F32, scheme, BF16)]  # loaded, and it refused the call
 
 
 def test_a_damaged_cache_file_is_built_again(prebuilt_kernels, tmp_path, monkeypatch):
