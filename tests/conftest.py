@@ -42,6 +42,16 @@ def prebuilt_kernels():
 
 
 @pytest.fixture
+def fused(prebuilt_kernels):
+    """The fused quantizer on (CPU: the kernels built ahead of time), off again afterwards."""
+    from paretoq.quant import compiled
+
+    compiled.enable(True)
+    yield
+    compiled.enable(False)
+
+
+@pytest.fixture
 def fixture_dir() -> Path:
     if not FIXTURE.is_dir():
         pytest.fail(f"fixture folder missing: {FIXTURE} (set PARETOQ_SHARED to the shared/ folder)")

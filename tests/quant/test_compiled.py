@@ -16,13 +16,6 @@ from paretoq.quant.kernel import Kernel
 
 
 @pytest.fixture
-def fused(prebuilt_kernels):
-    compiled.enable(True)
-    yield
-    compiled.enable(False)
-
-
-@pytest.fixture
 def fused_jit():
     compiled.enable(True)
     compiled.functional._FUSED.forward_fn = compiled.FORWARD

@@ -22,13 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 F32, BF16 = torch.float32, torch.bfloat16
 
 
-@pytest.fixture
-def fused(prebuilt_kernels):
-    compiled.enable(True)
-    yield
-    compiled.enable(False)
-
-
 def _grads(w, a, scheme, dtype, g):
     w, a = w.clone().requires_grad_(), a.clone().requires_grad_()
     out = fake_quantize(w, a, scheme, dtype)

@@ -165,8 +165,8 @@ class Prebuilt:
     def forget(self) -> None:
         self._runners = {}
 
-    def _load(self, key: tuple):
-        job = self.job(key)
+    def _load(self, key: tuple, job: dict | None = None):
+        job = job or self.job(key)
         path = Path(job["path"])
         if not path.exists():
             build([job])
@@ -192,13 +192,13 @@ def _open(path: Path):
 def prepare(calls: list[tuple[Prebuilt, tuple]]) -> int:
     """Build (children in parallel, one per CPU core at most) and load the kernels of ``calls``
     (``(function, key)`` pairs) not loaded yet; returns how many were built."""
-    todo = [(fn, key) for fn, key in calls if key not in fn._runners]
-    jobs = {j["path"]: j for j in (fn.job(key) for fn, key in todo) if not Path(j["path"]).exists()}
-    if jobs:
-        build(list(jobs.values()))
-    for fn, key in todo:
-        fn._load(key)
-    return len(jobs)
+    todo = [(fn, key, fn.job(key)) for fn, key in calls if key not in fn._runners]
+    missing = {job["path"]: job for _, _, job in todo if not Path(job["path"]).exists()}
+    if missing:
+        build(list(missing.values()))
+    for fn, key, job in todo:
+        fn._load(key, job)
+    return len(missing)
 
 
 def build(jobs: list[dict]) -> None:
