@@ -10,6 +10,10 @@ rotating order in each mode, so every ratio compares steps taken a few seconds a
   activation checkpointing;
 - ``eager``  — the same with ``--compile_quantizer false`` (the eager quantizer; the GPU default);
 - ``ours_nocache`` / ``eager_nocache`` — the two without the fake-quant cache (Ŵ every forward);
+- ``cast``   — a stand-in for the quantizer that only casts, W → bf16 forward and ∂L/∂Ŵ → fp32 backward
+  (∂L/∂α = 0), through an ``autograd.Function`` as ``ours`` does: the scales' bookkeeping (one
+  more autograd node per layer, their gradients and AdamW entries) without the kernels' arithmetic,
+  so ``ours`` − ``cast`` is what the kernels cost inside a step and ``cast`` − ``fp`` the rest;
 - ``ref``    — the reference quantizer (torchao 0.18's ParetoQ prototype, loaded from ``.oracle/``)
   in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
   (m·G, g) rows, which is the same math.
@@ -62,7 +66,7 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
-MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "ref")
+MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "cast", "ref")
 
 
 def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
@@ -107,6 +111,25 @@ def fp_forward(self, x):
     return F.linear(x, self.weight, self.bias)
 
 
+class CastStandIn(torch.autograd.Function):
+    """Ŵ = W cast to the compute dtype; ∂L/∂W = ∂L/∂Ŵ in fp32, ∂L/∂α = 0: FakeQuantize's shape, FP's arithmetic."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, dtype):
+        ctx.scale_shape = scale.shape
+        return weight.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(torch.float32), grad.new_zeros(ctx.scale_shape, dtype=torch.float32), None
+
+
+def cast_forward(self, x):
+    from paretoq.quant.linear import compute_dtype
+
+    return F.linear(x, CastStandIn.apply(self.weight, self.weight_clip_val, compute_dtype(x)), self.bias)
+
+
 class Modes:
     """Switches every QuantLinear of the process between the measured forwards.
 
@@ -118,8 +141,9 @@ class Modes:
 
         self.cls = QuantLinear
         self.cache = cache
-        self.forwards = {m: QuantLinear.forward for m in MODES if m not in ("fp", "ref")}
+        self.forwards = {m: QuantLinear.forward for m in MODES if m not in ("fp", "cast", "ref")}
         self.forwards["fp"] = fp_forward
+        self.forwards["cast"] = cast_forward
         if ORACLE.is_file():
             self.forwards["ref"] = reference_forward(load_reference())
 
