@@ -14,6 +14,8 @@ rotating order in each mode, so every ratio compares steps taken a few seconds a
   (∂L/∂α = 0), through an ``autograd.Function`` as ``ours`` does: the scales' bookkeeping (one
   more autograd node per layer, their gradients and AdamW entries) without the kernels' arithmetic,
   so ``ours`` − ``cast`` is what the kernels cost inside a step and ``cast`` − ``fp`` the rest;
+- ``fp2``    — a second ``fp``: with ``--processes`` / ``--timeslice`` its own process, an A/A check of
+  the method (its ratio to ``fp`` should be 1 within the interval);
 - ``ref``    — the reference quantizer (torchao 0.18's ParetoQ prototype, loaded from ``.oracle/``)
   in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
   (m·G, g) rows, which is the same math.
@@ -32,11 +34,24 @@ default to 1 (with 2 threads every parallel op waits on a preempted partner thre
 ``--parts`` (bf16) adds a figure that such drifts hardly touch: the quantizer's own forward and
 backward over every layer against the casts FP training makes in their place, alternated every
 ~0.1 s — the part of the overhead the kernels account for.
+``--processes`` runs each mode in its own child process instead, all pinned to one core and taking
+turns step by step as above: the modes then share no heap. In one process FP's and QAT's steps
+allocate from the same glibc heap, whose settings move FP's own step by 20% (RESULTS.md, allocator
+sections), so one mode's freed blocks may speed or slow the other's; there, ``fp`` is also a plain
+model (``nn.Linear`` everywhere, no scales at all), which is what a user compares with.
+``--timeslice`` runs those processes at the same time on the one core, each round's steps started
+together: the kernel's scheduler interleaves them every few milliseconds, so whatever slows the
+machine for a second slows both alike, and each step's process CPU time is its own work. On this
+VM a step's time wanders by ±10% from one step to the next whatever runs, which the alternation
+above can only average out over many steps; two FP processes time-sliced so (an A/A check)
+agree step by step within ~1–2%. The figures are then process CPU times (wall time is shared).
 
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
     python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
     python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,eager,ours_nocache,ref
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --parts
+    python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --processes
+    python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 21 --timeslice
 """
 
 from __future__ import annotations
@@ -66,7 +81,8 @@ SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }
-MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "cast", "ref")
+MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "cast", "ref", "fp2")
+PLAIN = ("fp", "fp2")  # modes that train the model as it is
 
 
 def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
@@ -141,8 +157,8 @@ class Modes:
 
         self.cls = QuantLinear
         self.cache = cache
-        self.forwards = {m: QuantLinear.forward for m in MODES if m not in ("fp", "cast", "ref")}
-        self.forwards["fp"] = fp_forward
+        self.forwards = {m: QuantLinear.forward for m in MODES if m not in ("cast", "ref", *PLAIN)}
+        self.forwards.update({m: fp_forward for m in PLAIN})
         self.forwards["cast"] = cast_forward
         if ORACLE.is_file():
             self.forwards["ref"] = reference_forward(load_reference())
@@ -233,6 +249,87 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
     times = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
     ratios = {m: RoundRatios([s / b for s, b in zip(wall[m], wall["fp"])], [s / b for s, b in zip(cpu[m], cpu["fp"])])
               for m in modes}
+    return times, ratios, extra
+
+
+def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, adamw, cpu, checkpointing):
+    """One mode's training in a child process (``--processes``): one timed step per ``"step"``
+    received, answered with (wall s, cpu s); ``"parts"`` answers quantizer_parts; ``"quit"`` ends."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(threads)
+    model, opt, batches = training_setup(shape, None if mode in PLAIN else bits, group_size, batch, ga, adamw)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    switch = Modes(cache=ga > 1 or checkpointing)
+    flush = switch.uses_cache(mode)
+    with contextlib.ExitStack() as stack:
+        if mode not in PLAIN:  # fp: the plain model, nothing to switch
+            stack.enter_context(switch.use(mode, model))
+        conn.send("ready")
+        while (cmd := conn.recv()) != "quit":
+            if cmd == "step":
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_step(model, opt, batches, bf16, flush)
+                conn.send((time.perf_counter() - t0, time.process_time() - c0))
+            elif cmd == "parts":
+                conn.send(quantizer_parts(model, switch, mode))
+    conn.close()
+
+
+def measure_processes(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False,
+                      parts=False, adamw="fused", threads=1, cpu=None, timeslice=False):
+    """``measure`` with one child process per mode (same model seed, batches and AdamW), all pinned to
+    core ``cpu`` (default: the last this process may use), stepping in rotating order — or, with
+    ``timeslice``, all at once, each round waiting for every mode's step; the wall figures are then
+    the process CPU times as well."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    cpu = max(os.sched_getaffinity(0)) if cpu is None else cpu
+    children = {}
+    try:
+        for mode in modes:  # one at a time, so building one model does not slow another's
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_mode_server, args=(child, shape, bits, group_size, batch, bf16, ga, mode,
+                                                          threads, adamw, cpu, checkpointing), daemon=True)
+            proc.start()
+            children[mode] = (proc, parent)
+            if parent.recv() != "ready":
+                raise RuntimeError(f"{mode} child did not start")
+        wall = {m: [] for m in modes}
+        cpu_s = {m: [] for m in modes}
+        for r in range(warmup + steps):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            if timeslice:
+                for mode in order:
+                    children[mode][1].send("step")
+                taken = {mode: children[mode][1].recv() for mode in order}
+                taken = {mode: (c, c) for mode, (_, c) in taken.items()}
+            else:
+                taken = {}
+                for mode in order:
+                    children[mode][1].send("step")
+                    taken[mode] = children[mode][1].recv()
+            if r >= warmup:
+                for mode, (w, c) in taken.items():
+                    wall[mode].append(w)
+                    cpu_s[mode].append(c)
+        extra = {}
+        for m in modes:
+            if parts and bf16 and m in ("ours", "eager"):
+                children[m][1].send("parts")
+                extra[m] = children[m][1].recv()
+    finally:
+        for proc, conn in children.values():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send("quit")
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    times = {m: (statistics.median(wall[m]), statistics.median(cpu_s[m])) for m in modes}
+    ratios = {m: RoundRatios([s / b for s, b in zip(wall[m], wall["fp"])],
+                             [s / b for s, b in zip(cpu_s[m], cpu_s["fp"])]) for m in modes}
     return times, ratios, extra
 
 
@@ -350,14 +447,20 @@ def main(argv=None):
                    help="AdamW implementation (fused: what paretoq train runs)")
     p.add_argument("--parts", action="store_true",
                    help="bf16: also time the quantizer's kernels per step against FP's casts (quantizer_parts)")
+    p.add_argument("--processes", action="store_true",
+                   help="one child process per mode, pinned to one core, taking turns (the modes share no heap)")
+    p.add_argument("--cpu", type=int, default=None, help="--processes: the core to pin to (default: the last)")
+    p.add_argument("--timeslice", action="store_true",
+                   help="--processes, with the modes' steps run at the same time on the one core (CPU-time figures)")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",")]
     assert modes[0] == "fp" and all(m in MODES for m in modes), f"--modes must start with fp, from {MODES}"
     part_modes = [m for m in modes if args.parts and m in ("ours", "eager")]
-    header = ("| model | micro-batch | GA | precision | quant | FP step (wall / cpu) | "
-              + " | ".join(f"{m} / FP (wall [95% CI], cpu)" for m in modes[1:])
+    clock = "cpu" if args.timeslice else "wall"  # time-sliced processes share the wall clock
+    header = (f"| model | micro-batch | GA | precision | quant | FP step ({clock} / cpu) | "
+              + " | ".join(f"{m} / FP ({clock} [95% CI], cpu)" for m in modes[1:])
               + "".join(f" | {m}: quantizer − casts per step" for m in part_modes) + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print(header, flush=True)
@@ -365,9 +468,14 @@ def main(argv=None):
         for batch in args.batch.split(","):
             for precision in args.precision.split(","):
                 for bits, group in parse_quant(args.quant):
-                    times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
-                                                   args.steps, args.warmup, args.checkpointing, args.parts,
-                                                   args.adamw)
+                    if args.processes or args.timeslice:
+                        times, ratios, extra = measure_processes(
+                            shape, bits, group, batch, precision == "bf16", args.ga, modes, args.steps, args.warmup,
+                            args.checkpointing, args.parts, args.adamw, args.threads, args.cpu, args.timeslice)
+                    else:
+                        times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
+                                                       args.steps, args.warmup, args.checkpointing, args.parts,
+                                                       args.adamw)
                     fw, fc = times["fp"]
                     cells = [ratios[m].cell() for m in modes[1:]]
                     cells += [f"{extra[m]:+.1f} ms ({extra[m] / 1e3 / fw:+.2%})" if m in extra else "—"
@@ -379,9 +487,15 @@ def main(argv=None):
                     print(line, flush=True)
     if not args.no_append:
         cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        core = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
                        note=f"AdamW {args.adamw}; {args.steps} steps per mode after {args.warmup} warm-up, modes "
-                            f"interleaved round by round; FP = median step time; ratio = median over rounds of "
+                            f"interleaved round by round"
+                            + (f", each mode in its own process pinned to core {core} (fp: a plain model)"
+                               if args.processes or args.timeslice else " in one process")
+                            + (", the processes' steps run at the same time, time-sliced by the scheduler: every "
+                               "figure is process CPU time" if args.timeslice else "")
+                            + "; FP = median step time; ratio = median over rounds of "
                             f"(mode step / FP step), "
                             f"[95% confidence interval of that median, from the order statistics]"
                             + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
