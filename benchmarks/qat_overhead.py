@@ -246,10 +246,15 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
                 cpu[mode].append(c1 - c0)
     extra = {m: quantizer_parts(model, switch, m) for m in modes if parts and bf16 and m in ("ours", "eager")}
     del model, opt
-    times = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
+    return (*summarise(wall, cpu), extra)
+
+
+def summarise(wall: dict, cpu: dict):
+    """Median step times {mode: (wall s, cpu s)} and per-round ratios {mode: RoundRatios} to ``fp``."""
+    times = {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in wall}
     ratios = {m: RoundRatios([s / b for s, b in zip(wall[m], wall["fp"])], [s / b for s, b in zip(cpu[m], cpu["fp"])])
-              for m in modes}
-    return times, ratios, extra
+              for m in wall}
+    return times, ratios
 
 
 def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, adamw, cpu, checkpointing):
@@ -327,10 +332,7 @@ def measure_processes(shape, bits, group_size, batch, bf16, ga, modes, steps, wa
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
-    times = {m: (statistics.median(wall[m]), statistics.median(cpu_s[m])) for m in modes}
-    ratios = {m: RoundRatios([s / b for s, b in zip(wall[m], wall["fp"])],
-                             [s / b for s, b in zip(cpu_s[m], cpu_s["fp"])]) for m in modes}
-    return times, ratios, extra
+    return (*summarise(wall, cpu_s), extra)
 
 
 def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
