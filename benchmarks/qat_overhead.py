@@ -45,6 +45,12 @@ machine for a second slows both alike, and each step's process CPU time is its o
 VM a step's time wanders by ±10% from one step to the next whatever runs, which the alternation
 above can only average out over many steps; two FP processes time-sliced so (an A/A check)
 agree step by step within ~1–2%. The figures are then process CPU times (wall time is shared).
+A process's CPU time includes the kernel's time to fault in the pages glibc has handed back to it:
+at 4×512 (SmolLM2 shape) ~0.9 million minor faults and ~14% of the step, in FP and QAT alike,
+and from one step to the next either ~0.6 or ~1.0 million. ``--faults`` adds what sets the work
+apart from that: each mode's user-CPU-time ratio to FP (its own interval), and every mode's
+system-time share and minor faults per step. ``--malloc keep`` makes every mode's glibc keep its
+blocks (no ``mmap``, no trimming), so that no step faults at all (``keep_heap``).
 
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
     python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
@@ -52,6 +58,7 @@ agree step by step within ~1–2%. The figures are then process CPU times (wall 
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --parts
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --processes
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 21 --timeslice
+    python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 21 --timeslice --faults [--malloc keep]
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ import importlib.util
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -257,9 +265,31 @@ def summarise(wall: dict, cpu: dict):
     return times, ratios
 
 
-def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, adamw, cpu, checkpointing):
+def keep_heap() -> None:
+    """glibc malloc in this process from now on: every block from the heap (no ``mmap``), and the heap
+    never trimmed — freed memory stays mapped for the next step instead of being returned to the
+    kernel and faulted in again, page by page (``--malloc keep``)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise RuntimeError("mallopt failed")
+
+
+def usage() -> tuple[float, float, int]:
+    """This process's (system CPU s, user CPU s, minor page faults) so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_stime, r.ru_utime, r.ru_minflt
+
+
+def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, adamw, cpu, checkpointing,
+                 malloc="default"):
     """One mode's training in a child process (``--processes``): one timed step per ``"step"``
-    received, answered with (wall s, cpu s); ``"parts"`` answers quantizer_parts; ``"quit"`` ends."""
+    received, answered with (wall s, cpu s, (system s, user s, minor faults)); ``"parts"`` answers
+    quantizer_parts; ``"quit"`` ends."""
+    if malloc == "keep":
+        keep_heap()
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(threads)
@@ -274,20 +304,22 @@ def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, 
         conn.send("ready")
         while (cmd := conn.recv()) != "quit":
             if cmd == "step":
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0, u0 = time.perf_counter(), time.process_time(), usage()
                 train_step(model, opt, batches, bf16, flush)
-                conn.send((time.perf_counter() - t0, time.process_time() - c0))
+                t1, c1, u1 = time.perf_counter(), time.process_time(), usage()
+                conn.send((t1 - t0, c1 - c0, tuple(b - a for a, b in zip(u0, u1))))
             elif cmd == "parts":
                 conn.send(quantizer_parts(model, switch, mode))
     conn.close()
 
 
 def measure_processes(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False,
-                      parts=False, adamw="fused", threads=1, cpu=None, timeslice=False):
+                      parts=False, adamw="fused", threads=1, cpu=None, timeslice=False, malloc="default"):
     """``measure`` with one child process per mode (same model seed, batches and AdamW), all pinned to
     core ``cpu`` (default: the last this process may use), stepping in rotating order — or, with
     ``timeslice``, all at once, each round waiting for every mode's step; the wall figures are then
-    the process CPU times as well."""
+    the process CPU times as well. The last value returned is {mode: [(system s, user s, minor faults)
+    per measured step]}."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -297,29 +329,32 @@ def measure_processes(shape, bits, group_size, batch, bf16, ga, modes, steps, wa
         for mode in modes:  # one at a time, so building one model does not slow another's
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_mode_server, args=(child, shape, bits, group_size, batch, bf16, ga, mode,
-                                                          threads, adamw, cpu, checkpointing), daemon=True)
+                                                          threads, adamw, cpu, checkpointing, malloc),
+                                   daemon=True)
             proc.start()
             children[mode] = (proc, parent)
             if parent.recv() != "ready":
                 raise RuntimeError(f"{mode} child did not start")
         wall = {m: [] for m in modes}
         cpu_s = {m: [] for m in modes}
+        rusage = {m: [] for m in modes}
         for r in range(warmup + steps):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             if timeslice:
                 for mode in order:
                     children[mode][1].send("step")
                 taken = {mode: children[mode][1].recv() for mode in order}
-                taken = {mode: (c, c) for mode, (_, c) in taken.items()}
+                taken = {mode: (c, c, k) for mode, (_, c, k) in taken.items()}
             else:
                 taken = {}
                 for mode in order:
                     children[mode][1].send("step")
                     taken[mode] = children[mode][1].recv()
             if r >= warmup:
-                for mode, (w, c) in taken.items():
+                for mode, (w, c, k) in taken.items():
                     wall[mode].append(w)
                     cpu_s[mode].append(c)
+                    rusage[mode].append(k)
         extra = {}
         for m in modes:
             if parts and bf16 and m in ("ours", "eager"):
@@ -332,7 +367,7 @@ def measure_processes(shape, bits, group_size, batch, bf16, ga, modes, steps, wa
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
-    return (*summarise(wall, cpu_s), extra)
+    return (*summarise(wall, cpu_s), extra, rusage)
 
 
 def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
@@ -399,6 +434,20 @@ class RoundRatios:
         return f"{statistics.median(self.wall):.3f} [{lo:.3f}, {hi:.3f}], {statistics.median(self.cpu):.3f}"
 
 
+def fault_cells(rusage: dict, modes: list[str]) -> list[str]:
+    """``--faults`` cells: per non-FP mode the median over rounds of (its user CPU time / FP's) [95% CI],
+    then one cell with every mode's median system-time share of its step and minor faults per step."""
+    user = {m: [u for _, u, _ in rusage[m]] for m in modes}
+    cells = []
+    for m in modes[1:]:
+        r = [a / b for a, b in zip(user[m], user["fp"])]
+        lo, hi = median_ci(r)
+        cells.append(f"{statistics.median(r):.3f} [{lo:.3f}, {hi:.3f}]")
+    share = " · ".join(f"{m} {statistics.median(s / (s + u) for s, u, _ in rusage[m]):.1%}, "
+                       f"{statistics.median(f for _, _, f in rusage[m]) / 1e3:.0f}k" for m in modes)
+    return [*cells, share]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -454,8 +503,17 @@ def main(argv=None):
     p.add_argument("--cpu", type=int, default=None, help="--processes: the core to pin to (default: the last)")
     p.add_argument("--timeslice", action="store_true",
                    help="--processes, with the modes' steps run at the same time on the one core (CPU-time figures)")
+    p.add_argument("--malloc", choices=("default", "keep"), default="default",
+                   help="glibc malloc as it comes, or keep: no mmap, no trimming, in every mode (keep_heap)")
+    p.add_argument("--faults", action="store_true",
+                   help="--processes/--timeslice: also each mode's user-time ratio, system-time share and "
+                        "minor page faults per step")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
+    if args.faults and not (args.processes or args.timeslice):
+        p.error("--faults needs --processes or --timeslice")
+    if args.malloc == "keep" and not (args.processes or args.timeslice):
+        keep_heap()
     torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",")]
     assert modes[0] == "fp" and all(m in MODES for m in modes), f"--modes must start with fp, from {MODES}"
@@ -463,7 +521,9 @@ def main(argv=None):
     clock = "cpu" if args.timeslice else "wall"  # time-sliced processes share the wall clock
     header = (f"| model | micro-batch | GA | precision | quant | FP step ({clock} / cpu) | "
               + " | ".join(f"{m} / FP ({clock} [95% CI], cpu)" for m in modes[1:])
-              + "".join(f" | {m}: quantizer − casts per step" for m in part_modes) + " |")
+              + "".join(f" | {m}: quantizer − casts per step" for m in part_modes)
+              + ("".join(f" | {m} / FP (user time [95% CI])" for m in modes[1:])
+                 + " | system time share, minor faults per step" if args.faults else "") + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print(header, flush=True)
     for shape in args.model.split(","):
@@ -471,9 +531,10 @@ def main(argv=None):
             for precision in args.precision.split(","):
                 for bits, group in parse_quant(args.quant):
                     if args.processes or args.timeslice:
-                        times, ratios, extra = measure_processes(
+                        times, ratios, extra, rusage = measure_processes(
                             shape, bits, group, batch, precision == "bf16", args.ga, modes, args.steps, args.warmup,
-                            args.checkpointing, args.parts, args.adamw, args.threads, args.cpu, args.timeslice)
+                            args.checkpointing, args.parts, args.adamw, args.threads, args.cpu, args.timeslice,
+                            args.malloc)
                     else:
                         times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
                                                        args.steps, args.warmup, args.checkpointing, args.parts,
@@ -482,6 +543,8 @@ def main(argv=None):
                     cells = [ratios[m].cell() for m in modes[1:]]
                     cells += [f"{extra[m]:+.1f} ms ({extra[m] / 1e3 / fw:+.2%})" if m in extra else "—"
                               for m in part_modes]
+                    if args.faults:
+                        cells += fault_cells(rusage, modes)
                     line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
                             f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
                             + " | ".join(cells) + " |")
@@ -503,7 +566,12 @@ def main(argv=None):
                             + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
                                "+ backward − FP's weight and gradient casts), and that as a share of the FP step"
                                if part_modes else "")
-                            + ("; activation checkpointing" if args.checkpointing else ""))
+                            + ("; activation checkpointing" if args.checkpointing else "")
+                            + ("; glibc malloc kept every block on its heap and never trimmed it (`mallopt`: "
+                               "M_MMAP_MAX 0, M_TRIM_THRESHOLD 2³¹−1), in every mode" if args.malloc == "keep" else "")
+                            + ("; user time: median over rounds of (mode's user CPU time / FP's); system time "
+                               "share: median of (system / (user + system)) per step; minor faults: median per "
+                               "step (from getrusage)" if args.faults else ""))
 
 
 if __name__ == "__main__":
