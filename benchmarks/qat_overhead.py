@@ -430,19 +430,20 @@ class RoundRatios:
         self.wall, self.cpu = wall, cpu
 
     def cell(self) -> str:
-        lo, hi = median_ci(self.wall)
-        return f"{statistics.median(self.wall):.3f} [{lo:.3f}, {hi:.3f}], {statistics.median(self.cpu):.3f}"
+        return f"{median_cell(self.wall)}, {statistics.median(self.cpu):.3f}"
+
+
+def median_cell(values) -> str:
+    """"median [95% CI]" of ``values``."""
+    lo, hi = median_ci(values)
+    return f"{statistics.median(values):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def fault_cells(rusage: dict, modes: list[str]) -> list[str]:
     """``--faults`` cells: per non-FP mode the median over rounds of (its user CPU time / FP's) [95% CI],
     then one cell with every mode's median system-time share of its step and minor faults per step."""
     user = {m: [u for _, u, _ in rusage[m]] for m in modes}
-    cells = []
-    for m in modes[1:]:
-        r = [a / b for a, b in zip(user[m], user["fp"])]
-        lo, hi = median_ci(r)
-        cells.append(f"{statistics.median(r):.3f} [{lo:.3f}, {hi:.3f}]")
+    cells = [median_cell([a / b for a, b in zip(user[m], user["fp"])]) for m in modes[1:]]
     share = " · ".join(f"{m} {statistics.median(s / (s + u) for s, u, _ in rusage[m]):.1%}, "
                        f"{statistics.median(f for _, _, f in rusage[m]) / 1e3:.0f}k" for m in modes)
     return [*cells, share]
