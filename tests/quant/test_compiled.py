@@ -135,3 +135,26 @@ def test_kernels_take_no_per_call_float_inputs(fused_jit):
     for inputs in seen:
         assert not [x for x in inputs if x[1] == torch.float64], inputs
     assert seen[0] == [((16, 1), torch.float32), ((16, 32), torch.float32)]  # α, W
+
+
+@pytest.mark.parametrize("bits", sorted(SCHEMES))
+def test_kernels_trace_for_tensors_off_the_cpu(bits):
+    """The kernels trace as one graph for another device's tensors too (meta tensors stand in for a GPU's
+    here). The SEQ schemes' eager path adds 0-d CPU constants, which an untraced op takes with any
+    device's tensor but which Dynamo refused with the tensors of a GPU (it fell back to eager there)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as shape_config
+
+    scheme = SCHEMES[bits]
+    w, a = torch.empty(40, 24, device="meta"), torch.empty(40, 1, device="meta")
+    g, s_g = torch.empty(40, 24, device="meta", dtype=torch.bfloat16), torch.empty((), device="meta")
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):
+            w_hat = torch.compile(compiled._forward, backend="eager", dynamic=True, fullgraph=True)(
+                w, a, scheme, torch.bfloat16)
+            gw, ga = torch.compile(compiled._backward, backend="eager", dynamic=True, fullgraph=True)(w, a, scheme, g, s_g)
+    finally:
+        torch._dynamo.reset()
+    assert (w_hat.device.type, w_hat.dtype, w_hat.shape) == ("meta", torch.bfloat16, (40, 24))
+    assert (gw.shape, ga.shape, gw.dtype, ga.dtype) == ((40, 24), (40, 1), torch.float32, torch.float32)

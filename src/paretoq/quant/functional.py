@@ -179,6 +179,10 @@ class StretchedElastic(Scheme):
         object.__setattr__(self, "_saturates_at_end_levels", float(self.levels()[-1]) == self.saturation)
 
     def quantize_(self, c, w):
+        if torch.compiler.is_compiling():
+            # traced into a fused kernel (op count no longer matters): the formula as written, with
+            # Python scalars. The 0-d CPU constants below cannot be traced for another device's tensors.
+            return c.mul_(self.k).sub_(self.sigma).round_().add_(self.sigma).div_(self.k)
         r = torch.add(self._shift, c, alpha=self.k, out=c).round_()
         return torch.add(self._unshift, r, alpha=1 / self.k, out=r)
 
@@ -218,7 +222,11 @@ class LSQ(Scheme):
         return c.round_()  # the clip range ends are integers, so rounding commutes with the clamp
 
     def init_scale(self, w_grouped):
-        return w_grouped.abs().amax(dim=-1, keepdim=True) / self.qp
+        # divided by a tensor, not the Python number: on CUDA ``t / 7`` is computed as t·(1/7), which
+        # is off by one ulp in some rows, and the largest |W| of such a row then lands just outside
+        # the clip range (its straight-through gradient lost) where the reference has it at Qp
+        amax = w_grouped.abs().amax(dim=-1, keepdim=True)
+        return amax / torch.full_like(amax, self.qp)
 
     def levels(self):
         return torch.arange(self.qn, self.qp + 1, dtype=torch.float32)
