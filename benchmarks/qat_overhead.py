@@ -93,15 +93,16 @@ MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "cast", "ref", 
 PLAIN = ("fp", "fp2")  # modes that train the model as it is
 
 
-def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0):
-    """A random fp32 Llama of ``shape``, its decoder projections swapped for QuantLinear (bits not None)."""
+def build_model(shape: str, bits: float | None, group_size: int | None, seed: int = 0, device: str = "cpu"):
+    """A random fp32 Llama of ``shape`` on ``device``, its decoder projections swapped for QuantLinear
+    (bits not None; the scales initialised there)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from paretoq import QuantConfig, quantize_model
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(max_position_embeddings=2048, **SHAPES[shape])
-    model = LlamaForCausalLM(cfg).train()
+    model = LlamaForCausalLM(cfg).train().to(device)
     if bits is not None:
         quantize_model(model, QuantConfig(w_bits=bits, group_size=group_size))
     return model
@@ -195,14 +196,17 @@ class Modes:
 def train_step(model, opt, micro_batches, bf16: bool, flush: bool) -> None:
     from paretoq.quant.linear import flush_fake_quant_grads
 
+    device = micro_batches[0].device.type
     for ids in micro_batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
         loss.backward()
     if flush:
         flush_fake_quant_grads(model)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if device == "cuda":  # the step's kernels finished: its time is the GPU's too
+        torch.cuda.synchronize()
 
 
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
@@ -216,27 +220,30 @@ def make_optimizer(model, adamw: str = "fused") -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, **ADAMW[adamw])
 
 
-def training_setup(shape: str, bits, group_size, batch: str, ga: int, adamw: str = "fused"):
+def training_setup(shape: str, bits, group_size, batch: str, ga: int, adamw: str = "fused", device: str = "cpu"):
     """(model, AdamW, micro-batches): what every benchmark here trains with."""
-    model = build_model(shape, bits, group_size)
-    return model, make_optimizer(model, adamw), make_batches(model.config.vocab_size, batch, ga)
+    model = build_model(shape, bits, group_size, device=device)
+    return model, make_optimizer(model, adamw), make_batches(model.config.vocab_size, batch, ga, device=device)
 
 
-def make_batches(vocab: int, batch: str, ga: int, seed: int = 0):
+def make_batches(vocab: int, batch: str, ga: int, seed: int = 0, device: str = "cpu"):
     b, t = (int(v) for v in batch.split("x"))
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (b, t), generator=gen) for _ in range(ga)]
+    return [torch.randint(0, vocab, (b, t), generator=gen).to(device) for _ in range(ga)]
 
 
 def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, checkpointing=False, parts=False,
-            adamw="fused"):
+            adamw="fused", device="cpu"):
     """Median step times {mode: (wall s, cpu s)}, ratios {mode: RoundRatios} to the FP step and,
-    with ``parts`` (bf16 only), {mode: quantizer_parts ms} for the paretoq modes.
+    with ``parts`` (bf16 only), {mode: quantizer_parts ms} for the paretoq modes; on a GPU, the last
+    entry of that dict is {mode: peak GPU memory of its steps, bytes} under ``"peak"``.
 
     The modes' steps are interleaved round by round; a ratio is the median over rounds of
     (mode step / FP step of the same round), which follows the machine's load as it drifts.
     """
-    model, opt, batches = training_setup(shape, bits, group_size, batch, ga, adamw)
+    model, opt, batches = training_setup(shape, bits, group_size, batch, ga, adamw, device)
+    cuda = device == "cuda"
+    peak = {m: 0 for m in modes}
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     switch = Modes(cache=ga > 1 or checkpointing)
@@ -246,13 +253,20 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
         order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate: no mode always runs first
         for mode in order:
             with switch.use(mode, model):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 t0, c0 = time.perf_counter(), time.process_time()
                 train_step(model, opt, batches, bf16, flush=switch.uses_cache(mode))
                 t1, c1 = time.perf_counter(), time.process_time()
+                if cuda:
+                    peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated())
             if r >= warmup:
                 wall[mode].append(t1 - t0)
                 cpu[mode].append(c1 - c0)
     extra = {m: quantizer_parts(model, switch, m) for m in modes if parts and bf16 and m in ("ours", "eager")}
+    if cuda:
+        extra["peak"] = peak
     del model, opt
     return (*summarise(wall, cpu), extra)
 
@@ -458,7 +472,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+    gpu = (f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "")
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
             f"load average {os.getloadavg()[0]:.1f}")
 
 
@@ -509,8 +524,14 @@ def main(argv=None):
     p.add_argument("--faults", action="store_true",
                    help="--processes/--timeslice: also each mode's user-time ratio, system-time share and "
                         "minor page faults per step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: models and batches on the GPU, bf16 autocast there, each step timed to its "
+                        "last kernel; adds each mode's peak GPU memory")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and (args.processes or args.timeslice or args.parts or args.malloc != "default"):
+        p.error("--device cuda runs the modes in one process: no --processes, --timeslice, --parts or --malloc")
     if args.faults and not (args.processes or args.timeslice):
         p.error("--faults needs --processes or --timeslice")
     if args.malloc == "keep" and not (args.processes or args.timeslice):
@@ -524,7 +545,8 @@ def main(argv=None):
               + " | ".join(f"{m} / FP ({clock} [95% CI], cpu)" for m in modes[1:])
               + "".join(f" | {m}: quantizer − casts per step" for m in part_modes)
               + ("".join(f" | {m} / FP (user time [95% CI])" for m in modes[1:])
-                 + " | system time share, minor faults per step" if args.faults else "") + " |")
+                 + " | system time share, minor faults per step" if args.faults else "")
+              + (" | peak GPU memory: FP; " + ", ".join(f"{m} / FP" for m in modes[1:]) if cuda else "") + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print(header, flush=True)
     for shape in args.model.split(","):
@@ -539,13 +561,17 @@ def main(argv=None):
                     else:
                         times, ratios, extra = measure(shape, bits, group, batch, precision == "bf16", args.ga, modes,
                                                        args.steps, args.warmup, args.checkpointing, args.parts,
-                                                       args.adamw)
+                                                       args.adamw, args.device)
                     fw, fc = times["fp"]
                     cells = [ratios[m].cell() for m in modes[1:]]
                     cells += [f"{extra[m]:+.1f} ms ({extra[m] / 1e3 / fw:+.2%})" if m in extra else "—"
                               for m in part_modes]
                     if args.faults:
                         cells += fault_cells(rusage, modes)
+                    if cuda:
+                        peak = extra["peak"]
+                        cells.append(f"{peak['fp'] / 2**20:.0f} MiB; "
+                                     + ", ".join(f"{peak[m] / peak['fp']:.3f}" for m in modes[1:]))
                     line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
                             f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
                             + " | ".join(cells) + " |")
@@ -557,6 +583,10 @@ def main(argv=None):
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
                        note=f"AdamW {args.adamw}; {args.steps} steps per mode after {args.warmup} warm-up, modes "
                             f"interleaved round by round"
+                            + (f"; on {torch.cuda.get_device_name()} (each step timed to its last kernel with "
+                               f"`torch.cuda.synchronize`; peak GPU memory: the largest "
+                               f"`torch.cuda.max_memory_allocated` over a mode's steps, model and AdamW state "
+                               f"included)" if cuda else "")
                             + (f", each mode in its own process pinned to core {core} (fp: a plain model)"
                                if args.processes or args.timeslice else " in one process")
                             + (", the processes' steps run at the same time, time-sliced by the scheduler: every "
