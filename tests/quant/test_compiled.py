@@ -143,18 +143,22 @@ def test_kernels_trace_for_tensors_off_the_cpu(bits):
     here). The SEQ schemes' eager path adds 0-d CPU constants, which an untraced op takes with any
     device's tensor but which Dynamo refused with the tensors of a GPU (it fell back to eager there)."""
     import torch._dynamo
-    import torch.fx.experimental._config as shape_config
+
+    graphs = []
+
+    def run_traced(gm, example_inputs, _):
+        graphs.append(gm)
+        return gm.forward
 
     scheme = SCHEMES[bits]
     w, a = torch.empty(40, 24, device="meta"), torch.empty(40, 1, device="meta")
     g, s_g = torch.empty(40, 24, device="meta", dtype=torch.bfloat16), torch.empty((), device="meta")
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(specialize_float=True), shape_config.patch(use_duck_shape=False):
-            w_hat = torch.compile(compiled._forward, backend="eager", dynamic=True, fullgraph=True)(
-                w, a, scheme, torch.bfloat16)
-            gw, ga = torch.compile(compiled._backward, backend="eager", dynamic=True, fullgraph=True)(w, a, scheme, g, s_g)
+        w_hat = Kernel(compiled._forward, run_traced)(w, a, scheme, torch.bfloat16)
+        gw, ga = Kernel(compiled._backward, run_traced)(w, a, scheme, g, s_g)
     finally:
-        torch._dynamo.reset()
+        torch._dynamo.reset()  # later tests compile the real kernels again
+    assert len(graphs) == 2  # one whole graph each: no break
     assert (w_hat.device.type, w_hat.dtype, w_hat.shape) == ("meta", torch.bfloat16, (40, 24))
     assert (gw.shape, ga.shape, gw.dtype, ga.dtype) == ((40, 24), (40, 1), torch.float32, torch.float32)
