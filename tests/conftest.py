@@ -13,6 +13,11 @@ SHARED = Path(os.environ.get("PARETOQ_SHARED", REPO.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "minicpm4-tiny"
 TEXT = SHARED / "fixtures" / "text"
 
+# the MiniCPM4 fixture against the official code (fixtures/minicpm4-tiny/README.md)
+LOGITS_ATOL, LOSS_ATOL, GRAD_RTOL = 1e-4, 1e-5, 1e-4
+MINICPM_BITS = {"w0": 1.58, "w1": 1, "w2": 2, "w3": 3, "w4": 4}  # the reference's w_bits=0 is ternary
+MINICPM_PROBES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # `paretoq train` fuses the quantizer with torch.compile on CPU by default (--compile_quantizer auto):
@@ -71,3 +76,24 @@ def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
+
+
+def assert_quantized_minicpm_matches_official(model, ref, tag):
+    """``model``, the MiniCPM4 fixture quantized at ``MINICPM_BITS[tag]`` on any device, meets the
+    official code's scale init, logits and loss on the short input, and the probed layers' gradients."""
+    layers = {name: model.get_submodule(name) for name in MINICPM_PROBES}
+    for name, layer in layers.items():
+        key = name.replace(".", "_")
+        torch.testing.assert_close(layer.weight_clip_val.detach().cpu(), ref[f"scale_init_{tag}_{key}"], atol=0,
+                                   rtol=1e-6)
+    ids = ref["input_ids_short"].to(model.device)
+    out = model(ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.logits.detach().cpu(), ref[f"logits_{tag}"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.loss.detach().cpu().reshape(1), ref[f"loss_{tag}"], atol=LOSS_ATOL, rtol=0)
+    out.loss.backward()
+    for name, layer in layers.items():
+        key = name.replace(".", "_")
+        for what, got in (("weight", layer.weight.grad), ("scale", layer.weight_clip_val.grad)):
+            expected = ref[f"grad_{what}_{tag}_{key}"]
+            err = float((got.cpu() - expected).abs().max() / expected.abs().max())
+            assert err <= GRAD_RTOL, f"{tag} {name} {what} grad: max error / max |ref| = {err:.3g} > {GRAD_RTOL}"

@@ -22,15 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURE, TEXT
+from conftest import FIXTURE, MINICPM_BITS, TEXT, assert_quantized_minicpm_matches_official
 from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-LOGITS_ATOL, LOSS_ATOL, GRAD_RTOL = 1e-4, 1e-5, 1e-4  # fixtures/minicpm4-tiny/README.md, as tests/models
-BITS = {"w0": 1.58, "w1": 1, "w2": 2, "w3": 3, "w4": 4}  # the reference's w_bits=0 is ternary
-PROBES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +112,7 @@ def test_fused_quantizer_on_gpu_matches_eager(bits):
             _assert_nearly_same(fused, eager, SCHEMES[bits], a)
 
 
-@pytest.mark.parametrize("tag", list(BITS))
+@pytest.mark.parametrize("tag", list(MINICPM_BITS))
 def test_minicpm_fixture_on_gpu_matches_official(tag):
     from transformers import AutoModelForCausalLM
 
@@ -124,23 +120,8 @@ def test_minicpm_fixture_on_gpu_matches_official(tag):
 
     ref = load_file(str(FIXTURE / "reference.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(FIXTURE, attn_implementation="eager", dtype=torch.float32).eval()
-    quantize_model(model.cuda(), QuantConfig(w_bits=BITS[tag]))
-    layers = {name: model.get_submodule(name) for name in PROBES}
-    for name, layer in layers.items():
-        key = name.replace(".", "_")
-        torch.testing.assert_close(layer.weight_clip_val.detach().cpu(), ref[f"scale_init_{tag}_{key}"], atol=0,
-                                   rtol=1e-6)
-    ids = ref["input_ids_short"].cuda()
-    out = model(ids, labels=ids, use_cache=False)
-    torch.testing.assert_close(out.logits.detach().cpu(), ref[f"logits_{tag}"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.loss.detach().cpu().reshape(1), ref[f"loss_{tag}"], atol=LOSS_ATOL, rtol=0)
-    out.loss.backward()
-    for name, layer in layers.items():
-        key = name.replace(".", "_")
-        for what, got in (("weight", layer.weight.grad), ("scale", layer.weight_clip_val.grad)):
-            expected = ref[f"grad_{what}_{tag}_{key}"]
-            err = float((got.cpu() - expected).abs().max() / expected.abs().max())
-            assert err <= GRAD_RTOL, f"{tag} {name} {what} grad: max error / max |ref| = {err:.3g}"
+    quantize_model(model.cuda(), QuantConfig(w_bits=MINICPM_BITS[tag]))
+    assert_quantized_minicpm_matches_official(model, ref, tag)
 
 
 def _train(out, *extra):

@@ -16,17 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import paretoq.models  # noqa: F401  (registers "minicpm")
+from conftest import LOGITS_ATOL, LOSS_ATOL, MINICPM_BITS, assert_quantized_minicpm_matches_official
 from paretoq.models import minicpm
 from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = Path(os.environ.get("PARETOQ_SHARED", REPO.parent / "shared")) / "fixtures" / "minicpm4-tiny"
-LOGITS_ATOL, LOSS_ATOL, GRAD_RTOL = 1e-4, 1e-5, 1e-4  # fixtures/minicpm4-tiny/README.md
-PROBES = {
-    "model_layers_0_self_attn_q_proj": lambda m: m.model.layers[0].self_attn.q_proj,
-    "model_layers_1_mlp_down_proj": lambda m: m.model.layers[1].mlp.down_proj,
-}
-BITS = {"w0": 1.58, "w1": 1, "w2": 2, "w3": 3, "w4": 4}  # the reference's w_bits=0 is ternary
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +38,6 @@ def ref(fixture_dir):
 
 def load(folder, attn="eager", **kwargs):
     return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32, **kwargs).eval()
-
-
-def assert_close_rel(actual, expected, rtol, what):
-    err = (actual - expected).abs().max().item() / expected.abs().max().item()
-    assert err <= rtol, f"{what}: max error / max |ref| = {err:.3g} > {rtol}"
 
 
 def small_config(**overrides) -> MiniCPMConfig:
@@ -83,25 +73,13 @@ def test_long_factors_matter(fixture_dir, ref):
 # --- the ParetoQ quantizers on MiniCPM, against the reference implementation ------------------------------------
 
 
-@pytest.mark.parametrize("tag", list(BITS))
+@pytest.mark.parametrize("tag", list(MINICPM_BITS))
 def test_quantized_matches_reference(fixture_dir, ref, tag):
     from paretoq import QuantConfig, quantize_model
 
     model = load(fixture_dir)
-    quantize_model(model, QuantConfig(w_bits=BITS[tag]))
-    for name, get in PROBES.items():
-        torch.testing.assert_close(get(model).weight_clip_val.detach(), ref[f"scale_init_{tag}_{name}"], atol=0,
-                                   rtol=1e-6)
-    ids = ref["input_ids_short"]
-    out = model(ids, labels=ids, use_cache=False)
-    torch.testing.assert_close(out.logits.detach(), ref[f"logits_{tag}"], atol=LOGITS_ATOL, rtol=0)
-    torch.testing.assert_close(out.loss.detach().reshape(1), ref[f"loss_{tag}"], atol=LOSS_ATOL, rtol=0)
-    out.loss.backward()
-    for name, get in PROBES.items():
-        layer = get(model)
-        assert_close_rel(layer.weight.grad, ref[f"grad_weight_{tag}_{name}"], GRAD_RTOL, f"{tag} {name} weight grad")
-        assert_close_rel(layer.weight_clip_val.grad, ref[f"grad_scale_{tag}_{name}"], GRAD_RTOL,
-                         f"{tag} {name} scale grad")
+    quantize_model(model, QuantConfig(w_bits=MINICPM_BITS[tag]))
+    assert_quantized_minicpm_matches_official(model, ref, tag)
 
 
 def test_quantize_tiny_llama():
