@@ -54,7 +54,7 @@ def packed_copy(model, bits, group_size):
     import copy
 
     from paretoq import QuantConfig, quantize_model
-    from paretoq.export.packed import pack_model
+    from paretoq.quant.packed import pack_model
 
     m = copy.deepcopy(model)
     quantize_model(m, QuantConfig(w_bits=bits, group_size=group_size))
@@ -68,7 +68,7 @@ def numerics(base, ids, bits, group_size, packed_bf16):
     import copy
 
     from paretoq import QuantConfig, QuantLinear, dequantize_model, quantize_model
-    from paretoq.export.packed import pack_model
+    from paretoq.quant.packed import pack_model
 
     fq = copy.deepcopy(base)
     quantize_model(fq, QuantConfig(w_bits=bits, group_size=group_size))

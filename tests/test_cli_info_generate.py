@@ -13,7 +13,8 @@ import torch
 from conftest import FIXTURE, tiny_llama
 from paretoq import QuantConfig, QuantLinear, quantize_model
 from paretoq.cli import main as cli_main
-from paretoq.commands.info import folder_info, format_info
+from paretoq.cli.info import format_info
+from paretoq.loading import folder_info
 
 PROMPT = "In the beginning"
 

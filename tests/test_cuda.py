@@ -1,7 +1,7 @@
 """The quantizer, MiniCPM and `paretoq train` on a CUDA GPU: the numbers the CPU suite pins, again.
 
-Skipped where no CUDA device is (this project's CI has none); run them where one is, e.g.
-``PARETOQ_SHARED=/path/to/shared pytest tests/test_cuda.py``. What they hold:
+Marked ``gpu``: skipped where no CUDA device is (this project's CI has none); run them where one
+is, e.g. ``pytest -m gpu``. What they hold:
 
 - the eager quantizer on the GPU gives the CPU's Ŵ and ∂L/∂W bit for bit and ∂L/∂α to summation
   order (every scheme, per row and per group, fp32 and bf16 Ŵ);
@@ -26,7 +26,7 @@ from conftest import FIXTURE, MINICPM_BITS, TEXT, assert_quantized_minicpm_match
 from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from paretoq import data
 from paretoq.data import BlockDataset, build_datasets, load_blocks, read_texts, tokenize_and_pack
 from paretoq.errors import DataError, UserError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TINY = SHARED / "fixtures" / "minicpm4-tiny"
-KJV_TRAIN = SHARED / "fixtures" / "text" / "kjv_train.jsonl"
-KJV_EVAL = SHARED / "fixtures" / "text" / "kjv_eval.jsonl"
+from conftest import FIXTURE as TINY, TEXT
+
+KJV_TRAIN = TEXT / "kjv_train.jsonl"
+KJV_EVAL = TEXT / "kjv_eval.jsonl"
 
 # Fixture facts (byte-level BPE of 512 entries, EOS id 2): Σ(len(doc tokens) + 1).
 KJV_TRAIN_DOCS, KJV_TRAIN_TOKENS, KJV_EVAL_TOKENS = 90, 146329, 5459

@@ -14,11 +14,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from paretoq.errors import UserError
+from paretoq.files import atomic_folder, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +60,9 @@ def smollm2_folder(cache_dir: str | os.PathLike) -> Path:
     fresh.load_state_dict(loaded.state_dict(), strict=False)
     if fresh.config.tie_word_embeddings:
         fresh.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -90,14 +85,7 @@ def kjv_chapters(books) -> list[str]:
 
 
 def write_jsonl(texts, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
 
 
 def kjv_demo_files(folder: str | os.PathLike) -> tuple[Path, Path]:

@@ -27,14 +27,13 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from paretoq.errors import DataError
+from paretoq.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -292,19 +291,11 @@ def _write_cache(cache_file: Path, blocks: torch.Tensor, key: str) -> None:
     from safetensors.torch import save_file
 
     stored = blocks.to(torch.int32) if int(blocks.max()) < 2**31 else blocks
-    tmp = None
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file({"blocks": stored.contiguous()}, tmp, metadata={"key": key})
-        os.replace(tmp, cache_file)
-        tmp = None
+        with atomic_file(cache_file, suffix=".safetensors") as tmp:
+            save_file({"blocks": stored.contiguous()}, tmp, metadata={"key": key})
     except OSError as e:  # an unwritable cache costs time, not the run
         logger.warning("could not write the data cache %s (%s); continuing without it", cache_file, e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --- datasets ----------------------------------------------------------------------------------

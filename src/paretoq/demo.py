@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from paretoq.loading import load_model, load_tokenizer
 from paretoq.quant import QuantConfig, quantize_model
 from paretoq.training.args import parse_train_args
 from paretoq.training.run import run_training
-from paretoq.training.trainer import QATTrainer, perplexity
+from paretoq.eval.perplexity import perplexity_from_loss
+from paretoq.training.trainer import QATTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,8 @@ DEMO_DEFAULTS = dict(w_bits="4", max_steps=30, block=256, batch=4, lr=1e-4)
 
 def bf16_is_native() -> bool:
     """Whether this machine computes in bf16 (a GPU with bf16, or a CPU with AVX-512/AMX bf16 that
-    oneDNN uses). Elsewhere bf16 matrix products are emulated: on an AVX2-only AMD EPYC they ran ~9×
-    slower than fp32 (``benchmarks/RESULTS.md``, 2026-12-02 fourth session), and the demo with them
-    would take most of an hour."""
+    oneDNN uses). Elsewhere bf16 matrix products are emulated, many times slower than fp32
+    (``docs/performance.md``), so the demo trains in fp32 there."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
@@ -49,7 +48,7 @@ def _eval_ppl(model, eval_ds, workdir: str, bf16: bool) -> float:
     args = TrainingArguments(output_dir=workdir, per_device_eval_batch_size=8, report_to="none", bf16=bf16,
                              use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False, disable_tqdm=False)
     trainer = QATTrainer(model=model, args=args, eval_dataset=eval_ds, data_collator=default_data_collator)
-    return perplexity(trainer.evaluate()["eval_loss"])
+    return perplexity_from_loss(trainer.evaluate()["eval_loss"])
 
 
 def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["max_steps"],

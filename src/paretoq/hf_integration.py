@@ -52,7 +52,7 @@ class ParetoQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg: ParetoQHfConfig = self.quantization_config
         if cfg.format == "packed":
-            from paretoq.export.packed import replace_with_packed
+            from paretoq.quant.packed import replace_with_packed
 
             replace_with_packed(model, cfg.quant_config)
         else:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-import paretoq  # noqa: F401  (registers the MiniCPM classes and the paretoq quantizer)
 from paretoq.errors import ModelFolderError, UserError
 
 logger = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def inspect_folder(path: str | os.PathLike, trust_remote_code: bool = False) -> 
             try:
                 QuantConfig.from_dict(qc)
                 if info.format == "packed":
-                    from paretoq.export.packed import packed_settings
+                    from paretoq.quant.packed import packed_settings
 
                     packed_settings(qc)
                 elif info.format != "fake":
@@ -179,7 +178,7 @@ def skeleton(info: ModelFolder, dtype: torch.dtype | None = None, trust_remote_c
         from paretoq.quant.config import QuantConfig
 
         if info.format == "packed":
-            from paretoq.export.packed import replace_with_packed
+            from paretoq.quant.packed import replace_with_packed
 
             replace_with_packed(model, qc)
         else:
@@ -256,3 +255,79 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"{folder}: the tokenizer cannot be loaded: {' '.join(str(e).split())}") from None
+
+
+QUANT_WEIGHT_NAMES = ("qweight", "weight")
+SCALE_NAMES = ("scales", "weight_clip_val")
+
+
+def folder_info(path: str | Path) -> dict[str, Any]:
+    """The figures of ``paretoq info`` for a model folder, as a dict: parameters, bits, bytes on disk
+    and in memory, quantized layers. From config.json and the safetensors headers, with the model
+    built on the meta device: no weights are read, so it is instant for any model size."""
+    from paretoq.quant.linear import QuantLinear
+    from paretoq.quant.packed import PackedLinear, packed_settings
+
+    info = inspect_folder(path)
+    model = skeleton(info)
+    check_tensors(info, model)  # a missing or misshapen tensor is reported, not counted
+    qc = info.quantization_config or {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, PackedLinear))}
+
+    disk = {"quantized_weights": 0, "scales": 0, "other": 0}
+    for key, entry in info.tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf in QUANT_WEIGHT_NAMES:
+            disk["quantized_weights"] += entry.nbytes
+        elif owner in layers and leaf in SCALE_NAMES:
+            disk["scales"] += entry.nbytes
+        else:
+            disk["other"] += entry.nbytes
+    disk["tensors_total"] = sum(disk.values())
+    disk["files_total"] = sum(f.stat().st_size for f in info.weight_files)
+
+    seen, memory = set(), {"quantized_weights": 0, "scales": 0, "other": 0}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        owner, _, leaf = name.rpartition(".")
+        cls = ("quantized_weights" if owner in layers and leaf in QUANT_WEIGHT_NAMES else
+               "scales" if owner in layers and leaf in SCALE_NAMES else "other")
+        memory[cls] += t.numel() * t.element_size()
+    memory["total"] = sum(memory.values())
+
+    quantized = sum(m.in_features * m.out_features for m in layers.values())
+    scale_elems = sum(m.weight_clip_val.numel() if isinstance(m, QuantLinear) else m.scales.numel()
+                      for m in layers.values())
+    total = quantized  # logical weights: each quantized weight counts once, whatever its storage
+    for name, t in model.named_parameters():  # tied parameters are listed once
+        owner, _, leaf = name.rpartition(".")
+        if not (owner in layers and leaf in QUANT_WEIGHT_NAMES + SCALE_NAMES):
+            total += t.numel()
+    total += sum(m.bias.numel() for m in layers.values() if isinstance(m, PackedLinear) and m.bias is not None)
+
+    fmt = info.format
+    out: dict[str, Any] = {
+        "path": str(info.path),
+        "model_type": info.config.get("model_type"),
+        "format": fmt,
+        "w_bits": qc.get("w_bits", 16) if qc else 16,
+        "group_size": qc.get("group_size") if qc else None,
+        "parameters": total,
+        "quantized_parameters": quantized,
+        "quantized_fraction": quantized / total if total else 0.0,
+        "num_quantized_layers": len(layers),
+        "disk_bytes": disk,
+        "memory_bytes": memory,
+        "bits_per_quantized_weight": (8 * (disk["quantized_weights"] + disk["scales"]) / quantized) if quantized else None,
+        "code_bits_per_quantized_weight": (8 * disk["quantized_weights"] / quantized) if quantized else None,
+        "scale_elements": scale_elems,
+        "quantized_layers": list(layers),
+    }
+    if fmt == "packed":
+        scale_dtype, ternary = packed_settings(qc)
+        out["scale_dtype"] = str(scale_dtype).removeprefix("torch.")
+        out["ternary_format"] = ternary
+        out["kernel_cache_bytes"] = sum(m.kernel_bytes() for m in layers.values())
+    return out

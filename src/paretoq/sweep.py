@@ -29,13 +29,14 @@ import platform
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import torch
 
-from paretoq.commands._parser import ArgumentParser
-from paretoq.errors import UserError
+from paretoq.errors import ArgumentParser, UserError
+from paretoq.files import atomic_folder
 from paretoq.eval.pareto import pareto_front, plot_pareto, to_csv, to_markdown
 from paretoq.eval.report import write_atomic, write_json
 
@@ -63,7 +64,7 @@ class SweepSettings:
     include_path: list[str] | None = None
     baselines: tuple[str, ...] = ("fp", "rtn")
     progress: bool = True
-    train_argv: list[str] = field(default_factory=list)
+    base: Any = None  # the TrainConfig of the user's train flags; each point derives its own from it
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,13 @@ def parse_sweep_args(argv: list[str]) -> SweepSettings:
     settings = SweepSettings(bits=_parse_list(own.bits, "--bits", _bits),
                              group_sizes=_parse_list(own.group_sizes, "--group_sizes", _group),
                              limit=own.limit, include_path=own.include_path, baselines=baselines,
-                             progress=not own.no_progress, train_argv=list(rest))
+                             progress=not own.no_progress)
     if own.tasks is not None:
         from paretoq.eval.harness import check_tasks, parse_task_list
 
         settings.tasks = parse_task_list(own.tasks)
         check_tasks(settings.tasks, settings.include_path)
-    base = parse_train_args(rest)  # every train flag checked once, before any work
+    settings.base = base = parse_train_args(rest)  # every train flag checked once, before any work
     if not base.data.eval_data_local_path:
         raise UserError("paretoq sweep needs --eval_data_local_path: every model is evaluated on that file")
     if not Path(base.data.eval_data_local_path).exists():
@@ -164,20 +165,14 @@ def parse_sweep_args(argv: list[str]) -> SweepSettings:
 
 
 def point_config(settings: SweepSettings, point: Point, out_dir: Path):
-    """The ``train`` config of one point: the user's flags, this point's bits, group and folder."""
-    from paretoq.training.args import parse_train_args
-
-    argv = [*settings.train_argv, "--output_dir", str(out_dir / point.name), "--w_bits", str(point.bits)]
-    if point.group is not None:
-        argv += ["--group_size", str(point.group)]
-    cfg = parse_train_args(argv)
-    cfg.model.group_size = point.group  # also when a --config YAML sets one
-    if not cfg.data.cache_dir:
-        cfg.data.cache_dir = str(out_dir / ".cache")  # tokenise once for all points
-    if cfg.run.logging_dir:
-        cfg.run.logging_dir = os.path.join(cfg.run.logging_dir, point.name)
-    cfg.quant  # validates the group size against --w_bits
-    return cfg
+    """The ``train`` config of one point: the user's flags (``settings.base``), this point's bits,
+    group and folder; building it validates the group size against the bit width."""
+    base = settings.base
+    logging_dir = base.run.logging_dir and os.path.join(base.run.logging_dir, point.name)
+    return replace(base, model=replace(base.model, w_bits=str(point.bits), group_size=point.group),
+                   data=replace(base.data, cache_dir=base.data.cache_dir or str(out_dir / ".cache")),
+                   run=replace(base.run, logging_dir=logging_dir),
+                   training=replace(base.training, output_dir=str(out_dir / point.name)))
 
 
 def training_settings(cfg) -> dict:
@@ -195,7 +190,7 @@ def training_settings(cfg) -> dict:
 
 
 def _bytes_row(packed_dir: Path) -> dict:
-    from paretoq.commands.info import folder_info
+    from paretoq.loading import folder_info
 
     info = folder_info(packed_dir)
     disk = info["disk_bytes"]
@@ -365,15 +360,10 @@ def qat_row(settings: SweepSettings, point: Point, cfg, out_dir: Path) -> dict:
         logger.info("sweep: %s: training already finished, packing and evaluating", point.name)
     packed_dir = point_dir / "packed"
     model = load_model(cfg.final_model_dir, dtype=torch.float32)
-    tmp_dir = point_dir / ".packed.tmp"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    save_packed(model, tmp_dir, tokenizer=_tokenizer(cfg))
-    del model
-    gc.collect()
-    if packed_dir.exists():
-        shutil.rmtree(packed_dir)
-    os.replace(tmp_dir, packed_dir)
+    with atomic_folder(packed_dir) as tmp_dir:
+        save_packed(model, tmp_dir, tokenizer=_tokenizer(cfg))
+        del model
+        gc.collect()
     row = {"method": "qat", "name": point.name, "bits": point.bits, "group": point.group,
            **_bytes_row(packed_dir), **_evaluate_packed(packed_dir, settings, cfg),
            "train_seconds": metrics.get("train_wall_seconds"), "train_steps": _global_step(point_dir),
@@ -408,11 +398,10 @@ def write_outputs(rows: list[dict], out_dir: Path, meta: dict) -> dict[str, Path
 
 def run_sweep(settings: SweepSettings, command: str = "paretoq sweep") -> tuple[list[dict], dict[str, Path]]:
     """Every point, the baselines, then the four output files; returns (rows, files)."""
-    from paretoq.training.args import parse_train_args
     from paretoq.training.run import prepare_output_dir
 
     points = [Point(b, g) for g in settings.group_sizes for b in settings.bits]
-    out_dir = Path(parse_train_args(settings.train_argv).training.output_dir)
+    out_dir = Path(settings.base.training.output_dir)
     prepare_output_dir(str(out_dir))
     cfgs = {p: point_config(settings, p, out_dir) for p in points}  # every group size checked before work
     rows = []

@@ -91,7 +91,7 @@ def test_default_context_and_max_windows(tmp_path, data_file):
 
 def test_fake_quant_and_packed_models(tmp_path, data_file, docs):
     from paretoq import QuantConfig, load_packed, quantize_model, save_packed
-    from paretoq.export.packed import PackedLinear
+    from paretoq.quant.packed import PackedLinear
     from paretoq.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(FIXTURE)

@@ -16,8 +16,7 @@ from gguf import GGMLQuantizationType as T
 from conftest import FIXTURE, tiny_llama
 from paretoq import QuantConfig, QuantLinear, dequantize_model, quantize_model
 from paretoq.errors import UserError
-from paretoq.export.gguf import (AUTO_ORDER, BLOCK_TYPES, _heads_interleaved, _pre_tokenizer_name, export_gguf,
-                                 integer_grid)
+from paretoq.export.gguf import AUTO_ORDER, BLOCK_TYPES, _heads_interleaved, _pre_tokenizer_name, export_gguf
 from paretoq.quant.functional import SCALE_EPS, SCHEMES
 
 FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a normal fp16 number
@@ -35,7 +34,7 @@ def _tensor(reader: gguf.GGUFReader, name: str) -> tuple[str, np.ndarray]:
 
 def _expected(q: QuantLinear, perm=None) -> tuple[np.ndarray, np.ndarray]:
     """(d·k with d = fp16(α̃·step), as a GGML block decodes it; our fake-quant Ŵ), rows permuted like the file."""
-    step, _ = integer_grid(q.scheme)
+    step, _ = q.scheme.integer_grid
     w_hat = q.quantized_weight().detach().double()
     alpha = q.weight_clip_val.detach().double().clamp_min(SCALE_EPS)
     per_group = q.in_features // alpha.shape[1]
@@ -80,12 +79,12 @@ def _check_exact(model, reader, expect_type=None, layers=None) -> dict[str, str]
 # -- the integer grids and the block encoders ---------------------------------------------------------------
 
 def test_integer_grids_of_every_scheme():
-    assert integer_grid(SCHEMES[1]) == (1.0, (-1, 1))
-    step, grid = integer_grid(SCHEMES[1.58])
+    assert SCHEMES[1].integer_grid == (1.0, (-1, 1))
+    step, grid = SCHEMES[1.58].integer_grid
     assert math.isclose(step, 2 / 3) and grid == (-1, 0, 1)
-    assert integer_grid(SCHEMES[2]) == (0.25, (-3, -1, 1, 3))
-    assert integer_grid(SCHEMES[3]) == (1.0, tuple(range(-4, 4)))
-    assert integer_grid(SCHEMES[4]) == (1.0, tuple(range(-8, 8)))
+    assert SCHEMES[2].integer_grid == (0.25, (-3, -1, 1, 3))
+    assert SCHEMES[3].integer_grid == (1.0, tuple(range(-4, 4)))
+    assert SCHEMES[4].integer_grid == (1.0, tuple(range(-8, 8)))
 
 
 GRIDS = [(-1, 1), (-1, 0, 1), (-3, -1, 1, 3), tuple(range(-4, 4)), tuple(range(-8, 8))]
@@ -119,10 +118,10 @@ def test_rope_row_order():
 
 def test_type_table_matches_the_docs():
     """The automatic choice per scheme at per-row scales, in_features a multiple of 256 (docs/gguf.md)."""
-    first = {bits: next(t for t in AUTO_ORDER if BLOCK_TYPES[t].holds(integer_grid(s)[1]))
+    first = {bits: next(t for t in AUTO_ORDER if BLOCK_TYPES[t].holds(s.integer_grid[1]))
              for bits, s in SCHEMES.items()}
     assert first == {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K", 4: "Q4_0"}
-    assert all(BLOCK_TYPES["Q4_0"].holds(integer_grid(s)[1]) for s in SCHEMES.values())
+    assert all(BLOCK_TYPES["Q4_0"].holds(s.integer_grid[1]) for s in SCHEMES.values())
 
 
 # -- whole models ------------------------------------------------------------------------------------------
@@ -225,7 +224,8 @@ def test_fake_quant_folder_equals_in_memory(tmp_path):
 
 
 def test_packed_model_exports_like_fake_quant(tmp_path):
-    packed = pytest.importorskip("paretoq.export.packed")
+    from paretoq.quant.packed import pack_model
+
     model = tiny_llama(layers=1, hidden=256, vocab=512)
     quantize_model(model, QuantConfig(w_bits=4, group_size=64))
     with torch.no_grad():  # scales that fp16 holds exactly: packing (fp16 scales) changes nothing
@@ -233,7 +233,7 @@ def test_packed_model_exports_like_fake_quant(tmp_path):
             if isinstance(m, QuantLinear):
                 m.weight_clip_val.copy_(m.weight_clip_val.half().float())
     fake = gguf.GGUFReader(export_gguf(model, tmp_path / "fake.gguf", tokenizer=TOKENIZER))
-    packed.pack_model(model)
+    pack_model(model)
     again = gguf.GGUFReader(export_gguf(model, tmp_path / "packed.gguf", tokenizer=TOKENIZER))
     for ta, tb in zip(fake.tensors, again.tensors):
         assert ta.name == tb.name and ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name

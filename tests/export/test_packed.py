@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_llama
 from paretoq import QuantConfig, QuantLinear, load_packed, quantize_model, save_packed
 from paretoq.errors import ModelFolderError
-from paretoq.export.packed import PackedLinear, integer_grid, pack_model
+from paretoq.quant.packed import PackedLinear, int4_grid, pack_model
 from paretoq.loading import load_model
 from paretoq.quant.functional import SCHEMES
 
@@ -96,7 +96,7 @@ def test_scales_keep_their_dtype_under_to():
 def test_bf16_kernel_matches_dequantize(bits, group):
     """The int4 CPU kernel path equals the dequantize path up to bf16 rounding."""
     p = PackedLinear.from_quant_linear(_trained_quant_linear(128, 48, bits, group)).to(torch.bfloat16)
-    assert integer_grid(p.scheme) is not None and p.kernel_group_size() in (32, 128)
+    assert int4_grid(p.scheme) is not None and p.kernel_group_size() in (32, 128)
     x = torch.randn(4, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         fast = p(x).float()

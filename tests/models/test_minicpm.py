@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +14,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import paretoq.models  # noqa: F401  (registers "minicpm")
-from conftest import LOGITS_ATOL, LOSS_ATOL, MINICPM_BITS, assert_quantized_minicpm_matches_official
+from conftest import FIXTURE, LOGITS_ATOL, LOSS_ATOL, MINICPM_BITS, assert_quantized_minicpm_matches_official
 from paretoq.models import minicpm
 from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = Path(os.environ.get("PARETOQ_SHARED", REPO.parent / "shared")) / "fixtures" / "minicpm4-tiny"
-
-
 @pytest.fixture(scope="module")
 def fixture_dir():
-    if not FIXTURE.is_dir():
-        pytest.fail(f"fixture folder missing: {FIXTURE} (set PARETOQ_SHARED to the shared/ folder)")
     return FIXTURE
 
 

@@ -14,7 +14,7 @@ from paretoq import QuantConfig, QuantLinear, quantize_model
 from paretoq.errors import UserError
 from paretoq.training.args import parse_train_args
 from paretoq.training.distill import make_teacher
-from paretoq.training.recipe import RecipeTrainer, two_phase_lambda
+from paretoq.training.recipe import two_phase_lambda
 from paretoq.training.run import run_training
 from paretoq.training.trainer import QATTrainer
 
@@ -199,7 +199,7 @@ def _kd_setup(tmp_path, kd_weight, temperature=2.0):
     teacher = make_teacher(model)
     quantize_model(model, QuantConfig(w_bits=2))
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = RecipeTrainer(model=model, args=args, teacher=teacher, kd_weight=kd_weight, kd_temperature=temperature)
+    trainer = QATTrainer(model=model, args=args, teacher=teacher, kd_weight=kd_weight, kd_temperature=temperature)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, 5:8] = -100  # ignored positions must not count

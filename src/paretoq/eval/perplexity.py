@@ -137,16 +137,17 @@ def evaluate_perplexity(model, stream: torch.LongTensor, context: int, stride: i
                 s, n = window_nll(model, windows, [first_scored(k, context, stride) for k in ks])
                 nll_sum, count = nll_sum + s, count + n
                 bar.update(len(ks))
-                bar.set_postfix(ppl=f"{_exp(nll_sum / count):.3f}")
+                bar.set_postfix(ppl=f"{perplexity_from_loss(nll_sum / count):.3f}")
     finally:
         model.train(was_training)
     loss = nll_sum / count
     return PerplexityResult(data=source, context=context, stride=stride, tokens=len(stream), windows=total,
-                            scored_tokens=count, loss=loss, perplexity=_exp(loss),
+                            scored_tokens=count, loss=loss, perplexity=perplexity_from_loss(loss),
                             seconds=round(time.perf_counter() - start, 3))
 
 
-def _exp(x: float) -> float:
+def perplexity_from_loss(x: float) -> float:
+    """exp(mean cross-entropy in nats), inf where it overflows."""
     try:
         return math.exp(x)
     except OverflowError:

@@ -1,42 +1,21 @@
-"""Writing results: atomic file writes (temp file + rename) and small text tables."""
+"""Writing results: result files (replaced atomically) and small text tables."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from paretoq.errors import UserError
+from paretoq.files import atomic_write
 
 
 def write_atomic(path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``, so
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
+    """``paretoq.files.atomic_write``, with a path the system refuses reported as a ``UserError``."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        return atomic_write(path, data)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _json_safe(value):

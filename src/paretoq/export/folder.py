@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from paretoq.errors import UserError
+from paretoq.files import publish_files, staging_folder
 
 WEIGHTS_NAME = "model.safetensors"
 # Files of a model folder that describe how to tokenise and generate, copied along with the weights.
@@ -89,9 +89,7 @@ def write_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], c
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder: choose another --output")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_folder(out.parent, out.name) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for f in extra_files:
@@ -104,11 +102,7 @@ def write_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], c
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        out.mkdir(exist_ok=True)
         for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
             (out / stale).unlink(missing_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_files(tmp, out)  # config.json last
     return out

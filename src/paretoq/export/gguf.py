@@ -52,10 +52,8 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +62,8 @@ import torch
 from torch import nn
 
 from paretoq.errors import UserError
-from paretoq.quant.functional import SCALE_EPS, Scheme, quantize_codes
+from paretoq.files import atomic_file
+from paretoq.quant.functional import SCALE_EPS, quantize_codes
 
 logger = logging.getLogger(__name__)
 
@@ -180,19 +179,6 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
 AUTO_ORDER = ("TQ2_0", "Q2_K", "Q3_K", "Q4_0")
 
 
-def integer_grid(scheme: Scheme) -> tuple[float, tuple[int, ...]]:
-    """(step, k): the scheme's levels are step · k with integers k, step as large as possible.
-
-    >>> from paretoq.quant.functional import SCHEMES
-    >>> integer_grid(SCHEMES[2])
-    (0.25, (-3, -1, 1, 3))
-    """
-    levels = [Fraction(float(v)).limit_denominator(1000) for v in scheme.levels().tolist()]
-    nonzero = [v for v in levels if v != 0]
-    step = Fraction(math.gcd(*(v.numerator for v in nonzero)), math.lcm(*(v.denominator for v in nonzero)))
-    return float(step), tuple(int(v / step) for v in levels)
-
-
 # --------------------------------------------------------------------------------------------------
 # One linear layer: integers and scales (quantized) or a float weight
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +209,7 @@ def _quantized(module: nn.Module) -> _Quantized | None:
         codes = module.codes()
     else:
         return None
-    step, grid = integer_grid(scheme)
+    step, grid = scheme.integer_grid
     k = torch.tensor(grid, dtype=torch.int8)[codes.long()]
     if weight is not None and 0 not in grid and float(scheme.quantize(torch.zeros(1))) == 0.0:
         # fake-quant binary gives sign(0) = 0 for weights that are exactly zero; GGUF can store it
@@ -610,20 +596,16 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, output_path: str
     if output.is_dir():
         raise UserError(f"GGUF output {output} is a folder: give a file name ending in .gguf")
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        records = _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir, order, float_type,
-                               fallback, tokenizer_pre, name)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, output)
-    finally:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(output, suffix=".gguf") as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            records = _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir, order, float_type,
+                                   fallback, tokenizer_pre, name)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     _log_summary(output, records)
     return output
 

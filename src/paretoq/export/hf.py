@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from paretoq.export.folder import export_config, export_state, tokenizer_files, write_folder
-from paretoq.export.packed import PackedLinear, resolve_dtype
+from paretoq.quant.packed import PackedLinear, resolve_dtype
 from paretoq.quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)

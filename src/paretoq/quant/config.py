@@ -11,13 +11,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from paretoq.errors import UserError
+from paretoq.errors import QuantConfigError
 from paretoq.quant.functional import SCHEMES, Scheme
+from paretoq.quant.scale_init import SCALE_INITS
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "paretoq"
 OFF_BITS = (16, 32)
-SCALE_INITS = ("reference", "mse", "mse_act", "gptq")  # the math: paretoq.quant.init
 
 # Default selection: every nn.Linear that lives inside a numbered block of a ModuleList
 # (``model.layers.3.self_attn.q_proj``) — the decoder layers of any HF causal LM — and never
@@ -25,10 +25,6 @@ SCALE_INITS = ("reference", "mse", "mse_act", "gptq")  # the math: paretoq.quant
 # projections (q, k, v, o, gate, up, down).
 DEFAULT_INCLUDE = (r"\.\d+\.",)
 DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"embed")
-
-
-class QuantConfigError(UserError, ValueError):
-    """An invalid quantization setting; the message says the fix."""
 
 
 def parse_bits(value: Any) -> float:
@@ -68,7 +64,7 @@ class QuantConfig:
             minimising ‖W − Ŵ‖²); "mse_act" (the same, each input column weighted by E[x²] from
             calibration data — pass ``calibration_data`` to ``quantize_model``); "gptq" (mse_act
             scales, then GPTQ-style error feedback rewrites the latent weights; calibration data
-            too). See :mod:`paretoq.quant.init`.
+            too). See :mod:`paretoq.quant.scale_init`.
     """
 
     w_bits: float = 16
@@ -104,6 +100,12 @@ class QuantConfig:
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` (a Linear) is to be quantized."""
         return any(re.search(p, name) for p in self.include) and not any(re.search(p, name) for p in self.exclude)
+
+    def same_layers(self, other: "QuantConfig") -> bool:
+        """Whether a model quantized by ``other`` has the layers and tensors this config makes: same
+        bits, scale layout and selection (how the scales were initialised does not matter)."""
+        return (self.w_bits, self.group_size, self.include, self.exclude) == \
+            (other.w_bits, other.group_size, other.include, other.exclude)
 
     def check_layer(self, name: str, in_features: int) -> None:
         if self.group_size is not None and in_features % self.group_size:

@@ -45,9 +45,11 @@ The net effect is measured in ``benchmarks/quantizer_micro.py`` and ``benchmarks
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -97,6 +99,15 @@ class Scheme(ABC):
     def quantize_scaled(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """q(W/α̃) as a new fp32 tensor."""
         return self.quantize_scaled_(torch.empty_like(w, dtype=torch.float32), w, a)
+
+    @functools.cached_property
+    def integer_grid(self) -> tuple[float, tuple[int, ...]]:
+        """(step, k): the levels are step · k with integers k, step as large as possible; every
+        ParetoQ grid is one (2 bits: (0.25, (−3, −1, 1, 3)); ternary: (2/3, (−1, 0, 1)))."""
+        levels = [Fraction(float(v)).limit_denominator(1000) for v in self.levels().tolist()]
+        nonzero = [v for v in levels if v != 0]
+        step = Fraction(math.gcd(*(v.numerator for v in nonzero)), math.lcm(*(v.denominator for v in nonzero)))
+        return float(step), tuple(int(v / step) for v in levels)
 
     def to_codes(self, q: torch.Tensor) -> torch.Tensor:
         """Map normalised levels (output of ``quantize``) to integer codes 0..n_levels-1."""
@@ -255,6 +266,16 @@ def effective_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > SCALE_EPS, scale, SCALE_EPS)
 
 
+def group_width(group_size: int | None, in_features: int) -> int:
+    """Input columns per scale: ``group_size``, or the whole row when it is None (per-row scales)."""
+    return in_features if group_size is None else group_size
+
+
+def group_label(group_size: int | None) -> str:
+    """How messages name a scale layout: "per row" or "per group of 64"."""
+    return "per row" if group_size is None else f"per group of {group_size}"
+
+
 def gradient_scale(numel: int, scheme: Scheme) -> float:
     """s_g = 1/√(N·Qp_grad), N the element count of the whole weight matrix."""
     return 1.0 / math.sqrt(numel * scheme.grad_qp)
@@ -306,7 +327,7 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, d
 
 def _quantize_weight(weight, scale, scheme, dtype):
     """``quantize_weight`` for callers that already run without autograd (entering ``no_grad``
-    costs ~2.5 µs, paid per layer and step)."""
+    has a cost, paid per layer and step)."""
     if _FUSED is not None:
         return _FUSED.forward(weight, scale, scheme, dtype or weight.dtype)
     w, a = _grouped(weight, scale)
@@ -405,5 +426,5 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, scheme: Scheme, d
 def init_scale(weight: torch.Tensor, scheme: Scheme, group_size: int | None) -> torch.Tensor:
     """Reference scale init per row (group_size None) or per group: shape (m, n/g)."""
     m, n = weight.shape
-    g = n if group_size is None else group_size
+    g = group_width(group_size, n)
     return scheme.init_scale(weight.detach().float().reshape(m, n // g, g)).reshape(m, n // g)

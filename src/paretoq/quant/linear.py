@@ -32,7 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from paretoq.quant.config import QuantConfig
-from paretoq.quant.functional import fake_quantize, init_scale, quantize_backward, quantize_weight
+from paretoq.quant.functional import (fake_quantize, group_label, group_width, init_scale, quantize_backward,
+                                      quantize_weight)
+
+
+SCALE_PARAM = "weight_clip_val"  # the scale's name, as in the reference (its checkpoints load as they are)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -59,7 +63,7 @@ class QuantLinear(nn.Linear):
         self.quant_config = config
         self.scheme = config.scheme
         self.group_size = config.group_size
-        groups = 1 if config.group_size is None else self.in_features // config.group_size
+        groups = self.in_features // group_width(config.group_size, self.in_features)
         self.weight_clip_val = nn.Parameter(torch.empty(self.out_features, groups, dtype=torch.float32, device=device))
         self._clear_cache()
 
@@ -158,8 +162,7 @@ class QuantLinear(nn.Linear):
         return out
 
     def extra_repr(self) -> str:
-        group = "row" if self.group_size is None else f"group {self.group_size}"
-        return f"{super().extra_repr()}, w_bits={self.quant_config.w_bits}, scale per {group}"
+        return f"{super().extra_repr()}, w_bits={self.quant_config.w_bits}, scales {group_label(self.group_size)}"
 
 
 class _RecomputedQuantLinear(torch.autograd.Function):

@@ -28,7 +28,10 @@ per byte, byte = Σ code[i]·3^i (code 0 is the least significant base-3 digit; 
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -109,3 +112,26 @@ def unpack_ternary_base3(packed: torch.Tensor, numel: int) -> torch.Tensor:
     weights = torch.tensor(_POW3, dtype=torch.int32, device=packed.device)
     codes = torch.div(packed.to(torch.int32).unsqueeze(1), weights, rounding_mode="floor") % 3
     return codes.to(torch.uint8).reshape(-1)[:numel]
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """One packed layout of a layer's codes: its name in ``quantization_config``, its functions."""
+
+    name: str
+    max_code: int  # codes 0..max_code fit
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int], torch.Tensor]  # (packed, numel) → codes
+    nbytes: Callable[[int], int]  # numel → packed bytes
+
+
+def _bit_format(bits: int) -> CodeFormat:
+    return CodeFormat(f"{bits}bit", (1 << bits) - 1, functools.partial(pack_codes, bits=bits),
+                      lambda packed, numel: unpack_codes(packed, bits, numel), functools.partial(packed_numel, bits=bits))
+
+
+CODE_FORMATS: dict[str, CodeFormat] = {
+    **{f.name: f for f in map(_bit_format, BIT_WIDTHS)},
+    "base3": CodeFormat("base3", 2, pack_ternary_base3, unpack_ternary_base3, packed_numel_base3),
+}
+"""Every packed layout by name: "1bit", "2bit", "3bit", "4bit" (``pack_codes``) and "base3"."""

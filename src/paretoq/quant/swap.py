@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from paretoq.quant import init as scale_init_lib
+from paretoq.quant import scale_init as scale_init_lib
 from paretoq.quant.config import QuantConfig, QuantConfigError
+from paretoq.quant.functional import group_label
 from paretoq.quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class QuantReport:
         return self.quantized_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
-        group = "per row" if self.group_size is None else f"group {self.group_size}"
-        return (f"quantized {self.num_layers} Linear layers to {self.w_bits} bits ({group}): "
+        return (f"quantized {self.num_layers} Linear layers to {self.w_bits} bits ({group_label(self.group_size)}): "
                 f"{self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
 
 

@@ -76,7 +76,7 @@ class RunArguments:
         "help": "fused quantizer kernels (Inductor): auto (on when training on CPU; default from "
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
                 "faster steps; on CPU built once per machine into ~/.cache/paretoq/kernels "
-                "($PARETOQ_KERNEL_CACHE), ~1 min (paretoq/quant/compiled.py)"})
+                "($PARETOQ_KERNEL_CACHE)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
@@ -91,14 +91,29 @@ OUR_TRAINING_DEFAULTS = {"dataloader_pin_memory": _HAS_GPU, "use_cpu": not _HAS_
 
 @dataclass
 class TrainConfig:
+    """One run's settings. ``quant`` is built once from the model arguments (and validates them);
+    derive another run's config with ``dataclasses.replace``, which builds it again."""
+
     model: ModelArguments
     data: DataArguments
     run: RunArguments
     training: TrainingArguments
+    quant: QuantConfig = field(init=False)
 
-    @property
-    def quant(self) -> QuantConfig:
-        return QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size, scale_init=self.model.scale_init)
+    def __post_init__(self):
+        self.quant = QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size,
+                                 scale_init=self.model.scale_init)
+
+    def seed_flag_notes(self) -> list[str]:
+        """One line per seed flag given that has no effect here, saying what paretoq does instead."""
+        notes = []
+        if self.model.qat is not None:
+            notes.append(f"--qat {self.model.qat} has no effect: QAT is on whenever --w_bits is below 16 "
+                         f"(here w_bits={self.quant.w_bits})")
+        if self.model.contain_weight_clip_val is not None:
+            notes.append(f"--contain_weight_clip_val {self.model.contain_weight_clip_val} has no effect: scales are "
+                         "loaded when the checkpoint has them and initialised from the weights otherwise")
+        return notes
 
     @property
     def fused_quantizer(self) -> bool:
@@ -180,26 +195,25 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
         raise UserError(" ".join(str(e).split())) from None
     if rest:
         raise UserError(f"unrecognized arguments: {' '.join(rest)} (see paretoq train --help)")
-    cfg = TrainConfig(model, data, run, training)
-    _validate(cfg)
-    return cfg
-
-
-def _validate(cfg: TrainConfig) -> None:
-    if not cfg.model.input_model_filename:
-        raise UserError("--input_model_filename is required: the model folder to start QAT from")
-    if not cfg.data.train_data_local_path:
-        raise UserError("--train_data_local_path is required: a JSONL file with one {\"text\": ...} per line")
-    if cfg.data.model_max_length <= 0:
-        raise UserError(f"--model_max_length must be a positive number of tokens, got {cfg.data.model_max_length}")
-    switch = _SWITCH_VALUES.get(str(cfg.run.compile_quantizer).strip().lower())
-    if switch is None:
-        raise UserError(f"--compile_quantizer must be auto, true or false, got {cfg.run.compile_quantizer!r}"
-                        f" (the default comes from ${COMPILE_QUANTIZER_ENV} when set)")
-    cfg.run.compile_quantizer = switch
-    if cfg.model.scale_lr_multiplier <= 0:
-        raise UserError(f"--scale_lr_multiplier must be positive, got {cfg.model.scale_lr_multiplier}")
+    _validate(model, data, run)
+    cfg = TrainConfig(model, data, run, training)  # builds and validates the QuantConfig (a UserError)
     from paretoq.training.recipe import validate_recipe_args
 
     validate_recipe_args(cfg)
-    cfg.quant  # validates --w_bits / --group_size (QuantConfigError is a UserError)
+    return cfg
+
+
+def _validate(model: ModelArguments, data: DataArguments, run: RunArguments) -> None:
+    if not model.input_model_filename:
+        raise UserError("--input_model_filename is required: the model folder to start QAT from")
+    if not data.train_data_local_path:
+        raise UserError("--train_data_local_path is required: a JSONL file with one {\"text\": ...} per line")
+    if data.model_max_length <= 0:
+        raise UserError(f"--model_max_length must be a positive number of tokens, got {data.model_max_length}")
+    switch = _SWITCH_VALUES.get(str(run.compile_quantizer).strip().lower())
+    if switch is None:
+        raise UserError(f"--compile_quantizer must be auto, true or false, got {run.compile_quantizer!r}"
+                        f" (the default comes from ${COMPILE_QUANTIZER_ENV} when set)")
+    run.compile_quantizer = switch
+    if model.scale_lr_multiplier <= 0:
+        raise UserError(f"--scale_lr_multiplier must be positive, got {model.scale_lr_multiplier}")

@@ -1,6 +1,6 @@
 """Crash-safe outputs of a training run: a checkpoint or results file is either complete or absent.
 
-- Checkpoints (``AtomicCheckpointMixin``, mixed into ``QATTrainer``): the Trainer writes each
+- Checkpoints (``QATTrainer._save_checkpoint``): the Trainer writes each
   checkpoint into a staging folder ``output_dir/.tmp-checkpoint-N/checkpoint-N``. Once every
   process has written its part (a barrier), the main process flushes the files to disk (fsync) and
   moves the folder to ``output_dir/checkpoint-N`` with one ``os.replace`` (atomic on POSIX), then
@@ -12,7 +12,7 @@
   ``check_checkpoint_files`` refuses pickle weights and Trainer state files that hold more than
   tensors, before anything is loaded.
 - ``trainer_state.json`` and the ``*_results.json`` files are written to a temporary file and
-  renamed (``atomic_write_text``); the final model goes through ``publish_model``: written into a
+  renamed (``paretoq.files``); the final model goes through ``publish_model``: written into a
   temporary folder, then moved in file by file with ``config.json`` last, so a folder with a
   config.json always has the weights that belong to it.
 """
@@ -24,56 +24,14 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
+
+from paretoq.files import TMP_PREFIX, publish_files
 
 logger = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"  # every temporary entry paretoq makes in an output folder starts with this
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPLETION_MARKER = "trainer_state.json"  # written last by Trainer._save_checkpoint
-
-
-# --- small file helpers ------------------------------------------------------------------------
-
-
-def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not support fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: str | os.PathLike) -> None:
-    """Flush every file (and folder entry) under ``root`` to disk."""
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync_path(os.path.join(folder, name))
-        _fsync_path(folder, directory=True)
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path``, flush it, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --- finding checkpoints -----------------------------------------------------------------------
@@ -168,84 +126,6 @@ def remove_leftovers(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def _replace_folder(src: str, dst: str) -> None:
-    """Move folder ``src`` to ``dst`` atomically, replacing a ``dst`` that exists (an older save of
-    the same step: moved aside first, deleted after)."""
-    old = None
-    if os.path.lexists(dst):
-        old = os.path.join(os.path.dirname(dst), f"{TMP_PREFIX}old-{os.path.basename(dst)}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    _fsync_path(os.path.dirname(dst), directory=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --- the Trainer side --------------------------------------------------------------------------
-
-
-class AtomicCheckpointMixin:
-    """Trainer mixin: checkpoints appear under their final name only when complete (module docstring);
-    ``trainer_state.json`` and the results JSONs are replaced atomically."""
-
-    _staging_root: str | None = None
-
-    def _get_output_dir(self, trial):
-        # While a checkpoint is being written, the Trainer's "run folder" is the staging folder.
-        return self._staging_root or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, f"{TMP_PREFIX}{name}")
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        best = self.state.best_model_checkpoint
-        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, COMPLETION_MARKER))
-        self.accelerator.wait_for_everyone()  # every process has written its part
-        if self.args.should_save:
-            fsync_tree(staged)
-            _replace_folder(staged, final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def save_state(self):
-        if self.is_world_process_zero():
-            atomic_write(os.path.join(self.args.output_dir, COMPLETION_MARKER), self.state.save_to_json)
-
-    def save_metrics(self, split, metrics, combined=True):
-        """``<split>_results.json`` (and ``all_results.json`` updated), each replaced atomically."""
-        if not self.is_world_process_zero():
-            return
-        out = Path(self.args.output_dir)
-        atomic_write_text(out / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
-        if combined:
-            all_path = out / "all_results.json"
-            merged = {}
-            if all_path.is_file():
-                try:
-                    merged = json.loads(all_path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    merged = {}
-            merged.update(metrics)
-            atomic_write_text(all_path, json.dumps(merged, indent=4, sort_keys=True))
-
-
 def publish_model(trainer, tokenizer, final_dir: str | os.PathLike) -> str:
     """``trainer.save_model`` + ``tokenizer.save_pretrained`` into ``final_dir``, crash-safe.
 
@@ -264,15 +144,7 @@ def publish_model(trainer, tokenizer, final_dir: str | os.PathLike) -> str:
     if trainer.args.should_save:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        fsync_tree(staging)
-        names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", n))
-        for name in names:
-            src, dst = os.path.join(staging, name), os.path.join(final_dir, name)
-            if os.path.isdir(src):
-                _replace_folder(src, dst)
-            else:
-                os.replace(src, dst)
-        _fsync_path(final_dir, directory=True)
+        publish_files(staging, final_dir)  # config.json last
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir

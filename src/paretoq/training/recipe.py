@@ -1,6 +1,6 @@
 """QAT recipe controls: a full-precision phase before QAT, LR re-warm-up, WSD, distillation.
 
-``RecipeTrainer`` = ``QATTrainer`` + ``DistillationMixin`` (``distill.py``) + what follows.
+``QATTrainer`` (``trainer.py``) calls these pieces; distillation is in ``distill.py``.
 
 **Two phases** (``--qat_start_fraction f``): the first s = round(f·max_steps) optimizer steps
 train the model in full precision; before step s+1, ``QATStartCallback`` calls
@@ -35,21 +35,19 @@ import logging
 import os
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
 
 from paretoq.errors import UserError
 from paretoq.quant.config import QuantConfig
-from paretoq.quant.init import needs_calibration
-from paretoq.quant.linear import QuantLinear, set_fake_quant_cache
+from paretoq.quant.scale_init import needs_calibration
+from paretoq.quant.linear import SCALE_PARAM, QuantLinear
 from paretoq.quant.swap import quantize_model
-from paretoq.training.distill import DistillationMixin
-from paretoq.training.trainer import SCALE_PARAM, QATTrainer
 
 logger = logging.getLogger(__name__)
 
 WSD_DEFAULT_DECAY_FRACTION = 0.2
+SCALE_GROUP = "paretoq_scales"  # marks the optimizer's parameter group of the scales
 
 
 def qat_start_step(fraction: float, max_steps: int) -> int:
@@ -63,14 +61,14 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def _is_wsd(name) -> bool:
+def is_wsd(name) -> bool:
     return getattr(name, "value", name) == "warmup_stable_decay"
 
 
 def _phase_lambda(args, name, steps: int):
     """transformers' multiplier λ(k) of schedule ``name`` over ``steps`` steps (warm-up included)."""
     kwargs = dict(args.lr_scheduler_kwargs or {})
-    if _is_wsd(name) and "num_decay_steps" not in kwargs:
+    if is_wsd(name) and "num_decay_steps" not in kwargs:
         kwargs["num_decay_steps"] = int(round(WSD_DEFAULT_DECAY_FRACTION * steps))
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = get_scheduler(name, optimizer=dummy, num_warmup_steps=args.get_warmup_steps(steps),
@@ -93,7 +91,7 @@ def two_phase_lambda(args, total_steps: int, switch_step: int):
 
 def _scale_group(optimizer) -> dict | None:
     for group in optimizer.param_groups:
-        if group.get("paretoq_scales"):
+        if group.get(SCALE_GROUP):
             return group
     return None
 
@@ -138,56 +136,6 @@ class QATStartCallback(TrainerCallback):
         if self.after_switch is not None:
             self.after_switch(model)
         logger.info("step %d: QAT starts — %s", step, report)
-
-
-class RecipeTrainer(DistillationMixin, QATTrainer):
-    """``QATTrainer`` with distillation, an optional full-precision phase and a re-warm-up schedule."""
-
-    def __init__(self, *args, quant_config: QuantConfig | None = None, qat_start_fraction: float = 0.0,
-                 calibration_data=None, **kwargs):
-        self.qat_start_fraction = qat_start_fraction
-        super().__init__(*args, **kwargs)
-        self.qat_start = None
-        if qat_start_fraction > 0:
-            if quant_config is None or not quant_config.enabled:
-                raise ValueError("qat_start_fraction > 0 needs a quantizing quant_config")
-            if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("qat_start_fraction > 0 works in single-process runs only (DDP/FSDP/DeepSpeed wrap "
-                                 "the model before QAT would start): use qat_start_fraction 0")
-            self.qat_start = QATStartCallback(quant_config, qat_start_fraction, calibration_data,
-                                              after_switch=lambda m: set_fake_quant_cache(m, self.fake_quant_cache))
-            self.add_callback(self.qat_start)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        optimizer = super().create_optimizer(model)
-        scales = {id(p) for n, p in (model or self.model).named_parameters() if n.endswith(SCALE_PARAM)}
-        for group in optimizer.param_groups:
-            if group["params"] and all(id(p) in scales for p in group["params"]):
-                group["paretoq_scales"] = True
-        if self.qat_start is not None and _scale_group(optimizer) is None:
-            lr = self.args.learning_rate * self.scale_lr_multiplier
-            optimizer.add_param_group({"params": [], "weight_decay": 0.0, "lr": lr, "paretoq_scales": True})
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is not None:
-            return self.lr_scheduler
-        switch = qat_start_step(self.qat_start_fraction, num_training_steps)
-        kwargs = self.args.lr_scheduler_kwargs or {}
-        wsd_default = _is_wsd(self.args.lr_scheduler_type) and "num_decay_steps" not in kwargs
-        if switch == 0 and not wsd_default:
-            return super().create_scheduler(num_training_steps, optimizer)  # transformers' schedule, untouched
-        try:
-            lr_lambda = two_phase_lambda(self.args, num_training_steps, switch)
-        except AttributeError:  # a scheduler that is not a LambdaLR (e.g. reduce_lr_on_plateau)
-            raise ValueError(f"lr_scheduler_type {self.args.lr_scheduler_type} cannot restart at the QAT start: use "
-                             "cosine, linear, constant_with_warmup, warmup_stable_decay, ...") from None
-        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lr_lambda)
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
-
 
 
 # --- the CLI side: validation and the pieces run_training needs ---------------------------------
@@ -274,8 +222,8 @@ def prepare_model(model, cfg, train_blocks: torch.Tensor, resume: str | None):
     return report, teacher, calibration
 
 
-def recipe_trainer_kwargs(cfg, teacher, calibration) -> dict:
-    """The ``RecipeTrainer`` keyword arguments of a ``TrainConfig``."""
+def trainer_kwargs(cfg, teacher, calibration) -> dict:
+    """The ``QATTrainer`` keyword arguments of a ``TrainConfig``."""
     m = cfg.model
     return {"scale_lr_multiplier": scale_lr_multiplier(cfg), "quant_config": cfg.quant,
             "qat_start_fraction": m.qat_start_fraction, "calibration_data": calibration,

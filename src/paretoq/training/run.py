@@ -18,14 +18,17 @@ from transformers import default_data_collator, set_seed
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
 from paretoq.quant import compiled
+from paretoq.quant.config import QuantConfig
 from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
 from paretoq.training.checkpointing import (check_checkpoint_files, latest_complete_checkpoint, publish_model,
                                             remove_leftovers)
 from paretoq.training.preflight import check_model_folder, check_output_dir, held_logs
-from paretoq.training.recipe import RecipeTrainer, prepare_model, recipe_trainer_kwargs
+from paretoq.eval.perplexity import perplexity_from_loss
+from paretoq.training.callbacks import LossPlotCallback
+from paretoq.training.recipe import prepare_model, trainer_kwargs
 from paretoq.training.sharding import connect_deepspeed
-from paretoq.training.trainer import LossPlotCallback, perplexity
+from paretoq.training.trainer import QATTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +76,17 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
         saved = json.loads(cfg_path.read_text()).get("quantization_config") or {}
     except (OSError, json.JSONDecodeError):
         raise UserError(f"checkpoint {checkpoint} has no readable config.json; delete it or pick another") from None
-    want = cfg.quant
     if not saved and cfg.model.qat_start_fraction > 0:
         return  # written during the full-precision phase before QAT starts (training/recipe.py)
-    saved_bits = saved.get("w_bits", 16)
-    if float(saved_bits) != float(want.w_bits) or saved.get("group_size") != want.group_size:
+    try:
+        have = QuantConfig.from_dict(saved) if saved else QuantConfig()
+    except UserError as e:
+        raise UserError(f"checkpoint {checkpoint}: {e}") from None
+    if not have.same_layers(cfg.quant):
         raise UserError(
-            f"checkpoint {checkpoint} was trained with w_bits={saved_bits} group_size={saved.get('group_size')}, "
-            f"but this run asks for w_bits={want.w_bits} group_size={want.group_size}: use another --output_dir "
-            f"or the same quantization flags")
+            f"checkpoint {checkpoint} was trained with w_bits={have.w_bits} group_size={have.group_size}, "
+            f"but this run asks for w_bits={cfg.quant.w_bits} group_size={cfg.quant.group_size}: use another "
+            f"--output_dir or the same quantization flags")
 
 
 @contextmanager
@@ -109,6 +114,9 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
 
 def _run_training(cfg: TrainConfig, callbacks) -> dict:
     args = cfg.training
+    if args.process_index == 0:
+        for note in cfg.seed_flag_notes():
+            logger.info("%s", note)
     # Cheap checks first (nothing written, no weights read), then the data (every line is checked
     # while it is tokenised), then the weights: a user's mistake ends in one line and no output.
     if args.should_save:
@@ -140,9 +148,9 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
     if args.should_save:
         cfg.save(args.output_dir)
 
-    trainer = RecipeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, data_collator=default_data_collator,
-                            callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
+    trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, data_collator=default_data_collator,
+                         callbacks=[LossPlotCallback(), *callbacks], **trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
     logger.info("quantizer: %s", "fused kernels" if compiled.enabled() else "eager")
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -153,7 +161,7 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
     trainer.save_metrics("train", metrics)
 
     eval_metrics = trainer.evaluate()
-    eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
+    eval_metrics["perplexity"] = perplexity_from_loss(eval_metrics["eval_loss"])
     eval_metrics["eval_samples"] = len(eval_ds)
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)

@@ -1,4 +1,4 @@
-"""Scale initialisation by search (``paretoq.quant.init``): known optima, never worse than the reference."""
+"""Scale initialisation by search (``paretoq.quant.scale_init``): known optima, never worse than the reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from paretoq import QuantConfig, QuantLinear, quantize_model
 from paretoq.quant import SCHEMES, QuantConfigError
 from paretoq.quant.functional import init_scale
-from paretoq.quant.init import (COARSE_RATIOS, MAX_RATIO, error_feedback_weights, input_second_moments,
+from paretoq.quant.scale_init import (COARSE_RATIOS, MAX_RATIO, error_feedback_weights, input_second_moments,
                                 input_statistics, quantization_error, search_scale)
 
 BITS = [1, 1.58, 2, 3, 4]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from paretoq.commands._parser import ArgumentParser
-from paretoq.errors import UserError
+from paretoq.errors import ArgumentParser, UserError
 
 
 def make_parser() -> ArgumentParser:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from paretoq.commands._parser import ArgumentParser
-from paretoq.errors import UserError
+from paretoq.errors import ArgumentParser, UserError
 
 FORMATS = ("packed", "hf", "gguf")
 

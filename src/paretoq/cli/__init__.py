@@ -1,4 +1,4 @@
-"""The ``paretoq`` command: one entry point, one module per subcommand under ``paretoq.commands``.
+"""The ``paretoq`` command: one entry point, one module per subcommand under ``paretoq.cli``.
 
 Each subcommand module has ``main(argv: list[str]) -> int``. Mistakes a user can make raise
 ``paretoq.errors.UserError``; here they become one line on stderr and exit status 2.
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from paretoq.errors import UserError
 
     try:
-        module = importlib.import_module(f"paretoq.commands.{name}")
+        module = importlib.import_module(f"paretoq.cli.{name}")
         return int(module.main(rest) or 0)
     except UserError as e:
         print(f"paretoq {name}: error: {_one_line(e)}", file=sys.stderr)
@@ -80,6 +80,3 @@ def _setup_output() -> None:
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from paretoq.commands._parser import ArgumentParser
-from paretoq.errors import UserError
+from paretoq.errors import ArgumentParser, UserError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 

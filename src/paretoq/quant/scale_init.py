@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from paretoq.quant.functional import SCALE_EPS, Scheme, init_scale
+from paretoq.errors import QuantConfigError
+from paretoq.quant.functional import SCALE_EPS, Scheme, group_width, init_scale
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ ROW_CHUNK_ELEMENTS = 1 << 22  # weight elements per chunk (≈ 16 MB per fp32 te
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     m, n = weight.shape
-    g = n if group_size is None else group_size
+    g = group_width(group_size, n)
     return weight.reshape(m, n // g, g)
 
 
@@ -196,8 +198,6 @@ def input_statistics(model: nn.Module, modules: Mapping[str, nn.Module], calibra
 
 
 def _as_ids(calibration_data) -> torch.Tensor:
-    from paretoq.quant.config import QuantConfigError
-
     if not torch.is_tensor(calibration_data) or calibration_data.dtype.is_floating_point:
         raise QuantConfigError("calibration_data must be a tensor of token ids, shape (num_blocks, block_len)")
     ids = calibration_data.long()
@@ -211,11 +211,25 @@ def _as_ids(calibration_data) -> torch.Tensor:
 # --- applying an init to swapped layers ----------------------------------------------------------
 
 
-CALIBRATED_INITS = {"mse_act": False, "gptq": True}  # scale_init → needs the full E[x xᵀ] (else E[x²])
+@dataclass(frozen=True)
+class ScaleInit:
+    """One ``scale_init`` method (module docstring): what it measures and what it does with it."""
+
+    search: bool  # search α = r·α_ref per row/group (else the reference closed form stays)
+    statistics: str | None  # calibration statistics of each layer input: None, "E[x²]" or "E[x xᵀ]"
+    error_feedback: bool  # rewrite the latent weights by GPTQ-style error feedback
+
+
+SCALE_INITS: dict[str, ScaleInit] = {
+    "reference": ScaleInit(search=False, statistics=None, error_feedback=False),
+    "mse": ScaleInit(search=True, statistics=None, error_feedback=False),
+    "mse_act": ScaleInit(search=True, statistics="E[x²]", error_feedback=False),
+    "gptq": ScaleInit(search=True, statistics="E[x xᵀ]", error_feedback=True),
+}
 
 
 def needs_calibration(scale_init: str) -> bool:
-    return scale_init in CALIBRATED_INITS
+    return SCALE_INITS[scale_init].statistics is not None
 
 
 def calibration_statistics(model: nn.Module, modules: Mapping[str, nn.Module], scale_init: str,
@@ -223,7 +237,7 @@ def calibration_statistics(model: nn.Module, modules: Mapping[str, nn.Module], s
     """What ``initialize_scales`` needs for ``scale_init``: None, E[x²] or E[x xᵀ] per layer input."""
     if not needs_calibration(scale_init):
         return None
-    return input_statistics(model, modules, calibration_data, full=CALIBRATED_INITS[scale_init])
+    return input_statistics(model, modules, calibration_data, full=SCALE_INITS[scale_init].statistics == "E[x xᵀ]")
 
 
 @torch.no_grad()
@@ -235,18 +249,19 @@ def initialize_scales(layers: Mapping[str, nn.Module], scale_init: str,
     h ≡ 1; "mse_act" with h = E[x²] = ``stats[name]``; "gptq" with h = diag E[x xᵀ], then rewrites
     the latent weight by ``error_feedback_weights``. One layer at a time.
     """
-    if scale_init == "reference":
+    method = SCALE_INITS[scale_init]
+    if not method.search:
         return
     for name, layer in layers.items():
         h = None
-        if needs_calibration(scale_init):
+        if method.statistics is not None:
             if stats is None or name not in stats:
                 raise KeyError(f"no calibration statistics for layer {name}")
             h = stats[name]
-        full = h is not None and h.dim() == 2
+        full = method.statistics == "E[x xᵀ]"
         alpha = search_scale(layer.weight, layer.scheme, layer.group_size, torch.diagonal(h) if full else h)
         layer.weight_clip_val.copy_(alpha.to(layer.weight_clip_val))
-        if full:
+        if method.error_feedback:
             w = error_feedback_weights(layer.weight, alpha, layer.scheme, layer.group_size, h)
             layer.weight.copy_(w.to(layer.weight))
     logger.info("initialised %d layers by %s", len(layers), scale_init)
@@ -271,7 +286,7 @@ def error_feedback_weights(weight: torch.Tensor, scale: torch.Tensor, scheme: Sc
     the range where the straight-through gradient flows, so QAT can keep training all of them.
     """
     m, n = weight.shape
-    g = n if group_size is None else group_size
+    g = group_width(group_size, n)
     w = weight.detach().float().clone()
     a = scale.detach().float().clamp_min(SCALE_EPS).repeat_interleave(g, dim=1)  # (m, n): α̃ per column
     h = hessian.detach().float().clone()
