@@ -60,7 +60,7 @@ def decode_once(llm, prompt: list[int], tokens: int) -> tuple[float, float]:
 def decode_speeds(paths: list[Path], prompt: list[int], tokens: int, runs: int, threads: int,
                   metric: int) -> list[list[float]]:
     """Per file, ``runs`` decode speeds (``metric`` 0: wall-clock, 1: CPU time), measured round-robin (run r of
-    every file, then run r + 1) after one warm-up round, so that load drifting on a shared machine hits every
+    every file, then run r + 1) after one warm-up round, so that load drifting on a busy machine hits every
     file alike."""
     from llama_cpp import Llama
 
