@@ -14,7 +14,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from harness import add_common_args, append_text, command, cpu_name, load_average, set_threads
+
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
@@ -96,17 +96,10 @@ def decode_seconds(model, ids, new_tokens):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """CPU, cores, torch with its threads and the CPU capability it dispatches to, transformers' version."""
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
             f"{torch.backends.cpu.get_cpu_capability()}), transformers {transformers.__version__}")
 
 
@@ -116,11 +109,12 @@ def main() -> int:
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--group_size", type=int, default=None, help="scale group (default: per row, the reference)")
     ap.add_argument("--fp32", action="store_true", help="also time the fp32 dense model")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a busy machine)")
-    ap.add_argument("--no_write", action="store_true", help="do not append to RESULTS.md")
+    add_common_args(ap, threads=2, append=False, threads_help="torch threads (1 is steadier on a busy machine)")
+    ap.add_argument("--no-append", "--no_write", dest="no_append", action="store_true",
+                    help="print only, do not append to RESULTS.md")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    set_threads(args.threads)
+    load_before = load_average()
 
     base, tok, source = smollm2()
     ids = tok(PROMPT, return_tensors="pt").input_ids if tok is not None else torch.randint(0, 49152, (1, 14))
@@ -147,8 +141,8 @@ def main() -> int:
     lines = [
         f"## decode_speed — {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
-        f"- command: `python benchmarks/decode_speed.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- machine: {machine()}; load average at start {load_before:.1f} (shared machine)",
+        f"- command: `{command('decode_speed.py')}`",
+        f"- machine: {machine()}; load average at start {load_before:.1f}",
         f"- model: {source}; batch 1, greedy, {ids.shape[1]}-token prompt, {args.new_tokens} new tokens; "
         f"packed = paretoq PackedLinear ({group} fp16 scales) through torch's int4 CPU kernel, "
         "other tensors bf16; median of " + f"{args.runs} interleaved runs",
@@ -168,12 +162,8 @@ def main() -> int:
     lines.append("")
     text = "\n".join(lines)
     print(text)
-    if not args.no_write:
-        new = not RESULTS.exists()
-        with RESULTS.open("a", encoding="utf-8") as f:
-            if new:
-                f.write("# Benchmark results\n\nFigures appended by the scripts in this folder.\n\n")
-            f.write(text + "\n")
+    if not args.no_append:
+        append_text("\n" + text + "\n")
     return 0
 
 

@@ -8,8 +8,9 @@ files, not their quality) and exported with ``export_gguf``:
   Its hidden size 576 is not a multiple of 256, so only down_proj can take the 256-blocks (TQ2_0 / TQ1_0 /
   Q2_K); q/k/v/o/gate/up are Q4_0 in every quantized variant.
 - ``minicpm4``: a MiniCPM4-0.5B-shaped model (hidden 1024, 24 layers, 16/2 heads, FFN 4096, vocab 73,448;
-  random weights — speed does not depend on the values), where every projection takes the type named, so the
-  formats compare one to one; the F16 export is the reference point.
+  random weights — speed does not depend on the values; the tokenizer of the test fixture
+  ``tests/fixtures/minicpm4-tiny``), where every projection takes the type named, so the formats compare one
+  to one; the F16 export is the reference point.
 
 Embeddings are Q8_0 in the quantized exports (as in the SmolLM2 reference file). Each figure: median of
 ``--runs`` runs (after one warm-up round) of greedy decoding ``--tokens`` tokens after a short prompt, batch 1:
@@ -28,32 +29,20 @@ import copy
 import datetime
 import importlib.util
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from harness import ROOT, add_common_args, append_text, clock, command, cpu_name, load_average, set_threads
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins"
-FIXTURE_TOKENIZER = Path(os.environ.get("PARETOQ_SHARED", Path(__file__).resolve().parents[2] / "shared")) \
-    / "fixtures" / "minicpm4-tiny"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "minicpm4-tiny"  # the MiniCPM4 tokenizer of the test fixture
 
 
 def decode_once(llm, prompt: list[int], tokens: int) -> tuple[float, float]:
@@ -61,16 +50,17 @@ def decode_once(llm, prompt: list[int], tokens: int) -> tuple[float, float]:
     tokens after ``prompt`` (prompt time excluded)."""
     llm.reset()
     llm.eval(prompt)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = clock()
     for _ in range(tokens):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
+    wall_end, cpu_end = clock()
+    return tokens / (wall_end - wall), tokens / (cpu_end - cpu)
 
 
 def decode_speeds(paths: list[Path], prompt: list[int], tokens: int, runs: int, threads: int,
                   metric: int) -> list[list[float]]:
     """Per file, ``runs`` decode speeds (``metric`` 0: wall-clock, 1: CPU time), measured round-robin (run r of
-    every file, then run r + 1) after one warm-up round, so that load drifting on a shared machine hits every
+    every file, then run r + 1) after one warm-up round, so that load drifting on a busy machine hits every
     file alike."""
     from llama_cpp import Llama
 
@@ -139,6 +129,8 @@ def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from paretoq.export.gguf import export_gguf
     from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
 
+    if not (FIXTURE_TOKENIZER / "tokenizer.json").is_file():
+        sys.exit(f"{FIXTURE_TOKENIZER}/tokenizer.json is missing (the MiniCPM4 test fixture)")
     torch.manual_seed(0)
     config = MiniCPMConfig(vocab_size=73448, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                            num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
@@ -168,11 +160,11 @@ def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
 
 
 def measure(title: str, rows: list[tuple[str, Path]], prompt: list[int], args) -> list[str]:
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     paths = [p for _, p in rows]
     wall = decode_speeds(paths, prompt, args.tokens, args.runs, args.threads, metric=0)
     cpu = decode_speeds(paths, prompt, args.tokens, args.runs, 1, metric=1)
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
     results = []
     for (label, path), w, c in zip(rows, wall, cpu):
         results.append((label, path.stat().st_size / 2**20, projection_bits(path), statistics.median(w),
@@ -201,8 +193,7 @@ def main() -> int:
     ap.add_argument("--models", default="smollm2,minicpm4", help="comma-separated: smollm2, minicpm4")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-append", action="store_true")
+    add_common_args(ap, threads=2, threads_help="llama.cpp threads of the wall-clock figures, and torch's (2)")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     builders = {"smollm2": smollm2_files, "minicpm4": minicpm4_files}
@@ -214,15 +205,16 @@ def main() -> int:
 
     import paretoq
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    cmd = command("gguf_llamacpp.py", ["--models", ",".join(models), "--runs", str(args.runs), "--tokens",
+                                       str(args.tokens), "--threads", str(args.threads)], python=".venv/bin/python")
     lines = [
         "",
         "## GGUF exports in llama.cpp: decode speed (benchmarks/gguf_llamacpp.py)",
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {os.cpu_count()} cores ({cpu_name()}); "
         f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, paretoq {paretoq.__version__}",
-        f"- command: `.venv/bin/python benchmarks/gguf_llamacpp.py --models {','.join(models)} --runs {args.runs} "
-        f"--tokens {args.tokens} --threads {args.threads}`",
+        f"- command: `{cmd}`",
         f"- models quantized with `quantize_model` (reference scale init, untrained) and exported with "
         f"`export_gguf` (embeddings Q8_0 in the quantized exports); greedy decoding of {args.tokens} tokens after "
         f"a short prompt, batch 1; median of {args.runs} runs after a warm-up round; the files of a model "
@@ -243,8 +235,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write(text)
+        append_text(text)
     return 0
 
 

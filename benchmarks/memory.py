@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 
+from harness import add_common_args, append_results, command, parse_quant, set_threads
+
 HERE = Path(__file__).resolve().parent
 
 
 def child(args) -> None:
     import transformers.trainer  # noqa: F401 -- what any transformers training process has loaded
-    from qat_overhead import Modes, parse_quant, train_step, training_setup
+    from qat_overhead import Modes, train_step, training_setup
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     (bits, group), = parse_quant(args.quant)
     model, opt, batches = training_setup(args.model, None if args.mode == "fp" else bits, group, args.batch, args.ga)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -64,15 +66,12 @@ def main(argv=None):
     p.add_argument("--ga", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1, help="rounds of one child per mode; medians reported")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-append", action="store_true")
+    add_common_args(p, threads=1)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
-    from qat_overhead import append_results, parse_quant
-
     modes = args.modes.split(",")
     assert modes[0] == "fp", "--modes must start with fp"
     build_note = ""
@@ -118,7 +117,7 @@ def main(argv=None):
                 lines.append(line)
                 print(line, flush=True)
     if not args.no_append:
-        cmd = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command("memory.py", argv)
         append_results("Peak memory, QAT vs FP training (memory.py)", cmd, lines,
                        note=f"ru_maxrss of one child process per cell and round ({args.repeats} rounds, medians; "
                             f"FP's range in brackets), {args.steps} steps each (fused AdamW); "

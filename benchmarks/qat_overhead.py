@@ -28,7 +28,7 @@ zero_grad — the Trainer's sequence, with the AdamW ``paretoq train`` gets: tra
 ~12 small ops per parameter tensor: it takes ~0.33 s longer per 60M step and charges QAT
 +13 ms for its 56 scale tensors). Figures: median wall time and median process CPU time over
 ``--steps`` steps after ``--warmup``; each ratio comes with the 95% confidence interval of its
-median (order statistics of the per-round ratios), since on a shared VM one step can run 1.5×
+median (order statistics of the per-round ratios), since on a busy VM one step can run 1.5×
 slower than the next for reasons outside the process (its CPU time inflates as well). The threads
 default to 1 (with 2 threads every parallel op waits on a preempted partner thread).
 ``--parts`` (bf16) adds a figure that such drifts hardly touch: the quantizer's own forward and
@@ -36,15 +36,17 @@ backward over every layer against the casts FP training makes in their place, al
 ~0.1 s — the part of the overhead the kernels account for.
 ``--processes`` runs each mode in its own child process instead, all pinned to one core and taking
 turns step by step as above: the modes then share no heap. In one process FP's and QAT's steps
-allocate from the same glibc heap, whose settings move FP's own step by 20% (RESULTS.md, allocator
-sections), so one mode's freed blocks may speed or slow the other's; there, ``fp`` is also a plain
-model (``nn.Linear`` everywhere, no scales at all), which is what a user compares with.
+allocate from the same glibc heap, whose settings moved FP's own step by 20% (Intel Xeon VM,
+2026-12-03; RESULTS.md's git history), so one mode's freed blocks may speed or slow the other's;
+there, ``fp`` is also a plain model (``nn.Linear`` everywhere, no scales at all), which is what a
+user compares with.
 ``--timeslice`` runs those processes at the same time on the one core, each round's steps started
 together: the kernel's scheduler interleaves them every few milliseconds, so whatever slows the
 machine for a second slows both alike, and each step's process CPU time is its own work. On this
 VM a step's time wanders by ±10% from one step to the next whatever runs, which the alternation
 above can only average out over many steps; two FP processes time-sliced so (an A/A check)
-agree step by step within ~1–2%. The figures are then process CPU times (wall time is shared).
+agree step by step within ~1–2%. The figures are then process CPU times (the modes split the wall
+time).
 A process's CPU time includes the kernel's time to fault in the pages glibc has handed back to it:
 at 4×512 (SmolLM2 shape) ~0.9 million minor faults and ~14% of the step, in FP and QAT alike,
 and from one step to the next either ~0.6 or ~1.0 million. ``--faults`` adds what sets the work
@@ -65,24 +67,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.util
-import math
 import os
-import platform
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-ORACLE = ROOT / ".oracle" / "torchao" / "prototype" / "paretoq" / "models" / "utils_quant.py"
-REF_CODE = {1: 1, 1.58: 0, 2: 2, 3: 3, 4: 4}  # the reference spells ternary as 0
+from harness import (ORACLE, REF_CODE, add_common_args, append_results, clock, command, load_reference, median_cell,
+                     parse_quant, set_threads)
+
 SHAPES = {
     "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                 num_attention_heads=8, num_key_value_heads=8),
@@ -106,15 +101,6 @@ def build_model(shape: str, bits: float | None, group_size: int | None, seed: in
     if bits is not None:
         quantize_model(model, QuantConfig(w_bits=bits, group_size=group_size))
     return model
-
-
-def load_reference():
-    if not ORACLE.is_file():
-        sys.exit(f"reference quantizer missing: {ORACLE} (run `make install`)")
-    spec = importlib.util.spec_from_file_location("paretoq_reference_utils_quant", ORACLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def reference_forward(ref):
@@ -256,9 +242,9 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0 = clock()
                 train_step(model, opt, batches, bf16, flush=switch.uses_cache(mode))
-                t1, c1 = time.perf_counter(), time.process_time()
+                t1, c1 = clock()
                 if cuda:
                     peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated())
             if r >= warmup:
@@ -318,9 +304,9 @@ def _mode_server(conn, shape, bits, group_size, batch, bf16, ga, mode, threads, 
         conn.send("ready")
         while (cmd := conn.recv()) != "quit":
             if cmd == "step":
-                t0, c0, u0 = time.perf_counter(), time.process_time(), usage()
+                (t0, c0), u0 = clock(), usage()
                 train_step(model, opt, batches, bf16, flush)
-                t1, c1, u1 = time.perf_counter(), time.process_time(), usage()
+                (t1, c1), u1 = clock(), usage()
                 conn.send((t1 - t0, c1 - c0, tuple(b - a for a, b in zip(u0, u1))))
             elif cmd == "parts":
                 conn.send(quantizer_parts(model, switch, mode))
@@ -423,20 +409,6 @@ def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
     return statistics.median(extra) * 1e3
 
 
-def median_ci(values, level: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median: the order statistics x_(j) ≤ median ≤
-    x_(n+1−j) with the largest j for which P(Binomial(n, ½) < j) ≤ (1 − level)/2. With fewer than 6
-    values no such j exists at 95% and the interval is the full range."""
-    xs = sorted(values)
-    n = len(xs)
-    tail, j = 0.0, 0
-    while j < n // 2 and tail + math.comb(n, j) / 2 ** n <= (1 - level) / 2:
-        tail += math.comb(n, j) / 2 ** n
-        j += 1
-    j = max(j, 1)
-    return xs[j - 1], xs[n - j]
-
-
 class RoundRatios:
     """The per-round ratios (mode step / FP step of the same round), wall and CPU time."""
 
@@ -447,12 +419,6 @@ class RoundRatios:
         return f"{median_cell(self.wall)}, {statistics.median(self.cpu):.3f}"
 
 
-def median_cell(values) -> str:
-    """"median [95% CI]" of ``values``."""
-    lo, hi = median_ci(values)
-    return f"{statistics.median(values):.3f} [{lo:.3f}, {hi:.3f}]"
-
-
 def fault_cells(rusage: dict, modes: list[str]) -> list[str]:
     """``--faults`` cells: per non-FP mode the median over rounds of (its user CPU time / FP's) [95% CI],
     then one cell with every mode's median system-time share of its step and minor faults per step."""
@@ -461,41 +427,6 @@ def fault_cells(rusage: dict, modes: list[str]) -> list[str]:
     share = " · ".join(f"{m} {statistics.median(s / (s + u) for s, u, _ in rusage[m]):.1%}, "
                        f"{statistics.median(f for _, _, f in rusage[m]) / 1e3:.0f}k" for m in modes)
     return [*cells, share]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = (f", GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "")
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-            f"load average {os.getloadavg()[0]:.1f}")
-
-
-def append_results(title: str, command: str, lines: list[str], note: str = "") -> None:
-    text = [f"\n## {title}\n", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-            f"- machine: {machine()}", f"- command: `{command}`"]
-    if note:
-        text.append(f"- {note}")
-    text += ["", *lines, ""]
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
-    with RESULTS.open("a") as f:
-        f.write("\n".join(text))
-    print("\n".join(text))
-
-
-def parse_quant(spec: str):
-    out = []
-    for item in spec.split(","):
-        bits, _, group = item.partition(":")
-        out.append((float(bits) if "." in bits else int(bits), None if group in ("", "row") else int(group)))
-    return out
 
 
 def main(argv=None):
@@ -509,7 +440,7 @@ def main(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    add_common_args(p, threads=1)
     p.add_argument("--adamw", choices=list(ADAMW), default="fused",
                    help="AdamW implementation (fused: what paretoq train runs)")
     p.add_argument("--parts", action="store_true",
@@ -527,7 +458,6 @@ def main(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: models and batches on the GPU, bf16 autocast there, each step timed to its "
                         "last kernel; adds each mode's peak GPU memory")
-    p.add_argument("--no-append", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and (args.processes or args.timeslice or args.parts or args.malloc != "default"):
@@ -536,7 +466,7 @@ def main(argv=None):
         p.error("--faults needs --processes or --timeslice")
     if args.malloc == "keep" and not (args.processes or args.timeslice):
         keep_heap()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",")]
     assert modes[0] == "fp" and all(m in MODES for m in modes), f"--modes must start with fp, from {MODES}"
     part_modes = [m for m in modes if args.parts and m in ("ours", "eager")]
@@ -578,7 +508,7 @@ def main(argv=None):
                     lines.append(line)
                     print(line, flush=True)
     if not args.no_append:
-        cmd = "python benchmarks/qat_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command("qat_overhead.py", argv)
         core = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
         append_results("QAT step time vs FP (qat_overhead.py)", cmd, lines,
                        note=f"AdamW {args.adamw}; {args.steps} steps per mode after {args.warmup} warm-up, modes "

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from harness import add_common_args, parse_bits, set_threads
+
 CACHE = Path(os.environ.get("PARETOQ_DEMO_CACHE", "/tmp/demo_cache"))
 BLOCK = 256
 INITS = ("reference", "mse", "mse_act", "gptq")
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["rtn", "qat", "report"])
     p.add_argument("--results", default="/tmp/quality.jsonl")
-    p.add_argument("--threads", type=int, default=1)
+    add_common_args(p, threads=1, append=False)
     p.add_argument("--bits", default="4,3,2,1.58")
     p.add_argument("--groups", default="row,64")
     p.add_argument("--inits", default=",".join(INITS))
@@ -283,8 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/quality-runs")
     p.add_argument("--append", default=None, help="report: append the tables to this file")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    a.bits = [float(b) if "." in b else int(b) for b in a.bits.split(",")]
+    set_threads(a.threads)
+    a.bits = [parse_bits(b) for b in a.bits.split(",")]
     a.groups = [None if g == "row" else int(g) for g in a.groups.split(",")]
     a.inits = a.inits.split(",")
     a.skip = a.skip.split(",")

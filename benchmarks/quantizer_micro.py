@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 
 import torch
 
-from qat_overhead import REF_CODE, append_results, load_reference
+from harness import REF_CODE, add_common_args, append_results, clock, command, load_reference, set_threads
 
 from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
@@ -34,35 +32,29 @@ SHAPES = [(4096, 1024), (1024, 4096)]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=9)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grad", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--no-append", action="store_true")
+    add_common_args(p, threads=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     ref = load_reference()
     cuda = args.device == "cuda"
-
-    def clock():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter(), time.process_time()
 
     def run_ref(bits, W, A, G):
         fn = ref.StretchedElasticQuant if REF_CODE[bits] in (0, 2) else ref.LsqBinaryTernaryExtension
         w, a = W.clone().requires_grad_(), A.clone().requires_grad_()
-        t0, c0 = clock()
+        t0, c0 = clock(cuda)
         out = fn.apply(w, a, REF_CODE[bits], False).to(G.dtype)  # QuantizeLinear's .to(input dtype)
         out.backward(G)  # a bf16 g arrives cast to fp32
-        t1, c1 = clock()
+        t1, c1 = clock(cuda)
         return (t1 - t0, c1 - c0), (out.detach(), w.grad, a.grad)
 
     def run_ours(bits, W, A, G):
         w, a = W.clone().requires_grad_(), A.clone().requires_grad_()
-        t0, c0 = clock()
+        t0, c0 = clock(cuda)
         out = fake_quantize(w, a, SCHEMES[bits], G.dtype)
         out.backward(G)
-        t1, c1 = clock()
+        t1, c1 = clock(cuda)
         return (t1 - t0, c1 - c0), (out.detach(), w.grad, a.grad)
 
     fused = compiled.CompiledQuantizer()
@@ -110,7 +102,7 @@ def main(argv=None):
             lines.append(line)
             print(line, flush=True)
     if not args.no_append:
-        cmd = "python benchmarks/quantizer_micro.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command("quantizer_micro.py", argv)
         note = (f"median of {args.reps} repetitions after 1 warm-up, alternating order; "
                 + ("Ŵ, ∂L/∂W, ∂L/∂α asserted bit-identical (torch.equal) in every repetition "
                    "(fused: ∂L/∂α to summation order, rtol 2e-6)" if not cuda else
