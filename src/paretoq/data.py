@@ -1,8 +1,8 @@
 """Training text → tokenised, packed blocks of ``block_size`` tokens (labels = input_ids).
 
 Sources (``read_texts``), each giving a list of documents:
-- ``.jsonl`` (and any unknown suffix): one ``{"text": ...}`` object per line; blank lines are
-  skipped; a bad line stops with ``file:line: what is wrong``.
+- ``.jsonl`` (also ``.ndjson`` or no suffix): one ``{"text": ...}`` object per line; blank lines are
+  skipped; a bad line stops with ``file:line: what is wrong``. Other suffixes (``.csv``, ...) are refused.
 - ``.json``: JSON Lines as above, or one JSON array of ``{"text": ...}`` objects.
 - ``.txt``: the whole file is one document, newlines kept (what transformers' ``run_clm`` does
   with text files: lines concatenated, no separator inserted between them).
@@ -44,6 +44,9 @@ _TOKENIZE_BATCH = 256  # documents per tokenizer call
 # --- reading -----------------------------------------------------------------------------------
 
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", "")  # read line by line as JSON objects
+
+
 def read_texts(path) -> list[str]:
     """The documents of a data source (see the module docstring); raises ``DataError``."""
     path = Path(path)
@@ -58,8 +61,11 @@ def read_texts(path) -> list[str]:
             texts = _read_parquet(path)
         elif path.suffix.lower() == ".json" and _first_char(path) == "[":
             texts = _read_json_array(path)
-        else:
+        elif path.suffix.lower() in JSONL_SUFFIXES:
             texts = _read_jsonl(path)
+        else:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}: use JSONL (one {{\"text\": ...}} per "
+                            "line), .json, .txt, .parquet or a saved datasets folder")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
     if not texts:

@@ -40,10 +40,15 @@ def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """Flush every file (and folder entry) under ``root`` to disk."""
+    """Flush every file (and folder entry) under ``root`` to disk, each file with the usual permissions
+    (0666 less the umask: some writers, e.g. a temporary file renamed into place, leave 0600)."""
+    mode = 0o666 & ~umask()
     for folder, _dirs, files in os.walk(root):
         for name in files:
-            fsync_path(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+            fsync_path(path)
         fsync_path(folder, directory=True)
 
 

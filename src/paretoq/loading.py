@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,29 @@ class ModelFolder:
         return "plain" if not qc else qc.get("format", "fake")
 
 
-def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, Any]:
-    """config.json of a model folder as a dict, after checking the folder."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "HuggingFaceTB/SmolLM2-135M"
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The folder a model argument names: a local folder as it is, or a Hugging Face Hub id (``org/name``)
+    resolved to its snapshot in the local Hugging Face cache. Nothing is downloaded: paretoq reads no
+    network at run time, so a Hub model must be in the cache first (``hf download org/name``)."""
     folder = Path(path)
+    if folder.exists() or not HUB_ID.match(str(path)):
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise ModelFolderError(f"{path} is not a folder, and the Hugging Face cache has no model {path}: download "
+                               f"it first (hf download {path}) or give the model's folder") from None
+
+
+def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> dict[str, Any]:
+    """config.json of a model folder (or cached Hub id) as a dict, after checking the folder."""
+    folder = model_dir(path)
     if not folder.exists():
         raise ModelFolderError(f"model folder {folder} does not exist")
     if not folder.is_dir():
@@ -134,7 +155,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
 
 def inspect_folder(path: str | os.PathLike, trust_remote_code: bool = False) -> ModelFolder:
     """Check a model folder and read its config and tensor headers (no weights are loaded)."""
-    folder = Path(path)
+    folder = model_dir(path)
     config = read_config(folder, trust_remote_code)
     files = _weight_files(folder)
     info = ModelFolder(folder, config, files)
@@ -246,7 +267,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer saved in a model folder."""
     from transformers import AutoTokenizer
 
-    folder = Path(path)
+    folder = model_dir(path)
     read_config(folder, trust_remote_code)
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                                                "vocab.json")):

@@ -154,7 +154,8 @@ def parse_sweep_args(argv: list[str]) -> SweepSettings:
 
         settings.tasks = parse_task_list(own.tasks)
         check_tasks(settings.tasks, settings.include_path)
-    settings.base = base = parse_train_args(rest)  # every train flag checked once, before any work
+    # every train flag checked once, before any work; each point sets its own bit width
+    settings.base = base = parse_train_args(rest, defaults={"w_bits": "16"})
     if not base.data.eval_data_local_path:
         raise UserError("paretoq sweep needs --eval_data_local_path: every model is evaluated on that file")
     if not Path(base.data.eval_data_local_path).exists():

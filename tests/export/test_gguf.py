@@ -240,7 +240,6 @@ def test_packed_model_exports_like_fake_quant(tmp_path):
 
 
 def test_minicpm_fixture_metadata_and_exact_q4_0(tmp_path, fixture_dir):
-    pytest.importorskip("paretoq.models.minicpm")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
@@ -267,7 +266,6 @@ def test_minicpm_fixture_metadata_and_exact_q4_0(tmp_path, fixture_dir):
 def test_minicpm_fixture_ternary_falls_back_to_q4_0(tmp_path, fixture_dir):
     """hidden 128 / intermediate 320 are not multiples of 256: ternary goes to Q4_0 (d = 2α̃/3, k ∈ {−1, 0, 1}),
     still exact; forcing TQ2_0 is refused with the reason."""
-    pytest.importorskip("paretoq.models.minicpm")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
@@ -344,10 +342,11 @@ def test_pre_tokenizer_names():
     assert _pre_tokenizer_name({"type": "Metaspace"}) is None
 
 
-# -- llama.cpp runs the files (llama-cpp-python, when installed) ---------------------------------------------
+# -- llama.cpp runs the files (marker llamacpp: `make test-all` installs llama-cpp-python) --------------
 
 def _llama(path, n_ctx=256):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
 
 
@@ -360,10 +359,10 @@ def _llama_logits(path, ids) -> np.ndarray:
         llm.close()
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("bits, expect", [(1.58, "TQ2_0"), (2, "Q2_K"), (3, "Q3_K"), (4, "Q4_0")])
 def test_llama_cpp_runs_tiny_llama(tmp_path, bits, expect):
     """llama.cpp's logits equal ours up to its 8-bit activation quantization (q8_K / q8_0 dot products)."""
-    pytest.importorskip("llama_cpp")
     model = tiny_llama(layers=2, hidden=256, vocab=512, seed=1)
     quantize_model(model, QuantConfig(w_bits=bits))
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
@@ -376,13 +375,12 @@ def test_llama_cpp_runs_tiny_llama(tmp_path, bits, expect):
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.85
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_runs_minicpm_fixture(tmp_path, fixture_dir):
     """The μP scalings and LongRoPE as llama.cpp reads them. llama.cpp pads the context to ≥ 256 positions and picks
     the long factors for a context longer than original_max_position_embeddings (64 here), for every position;
     paretoq picks per sequence. So the comparison runs ours with the long factors (real MiniCPM4 has
     original = max_position_embeddings = 32768, where both use the short ones)."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("paretoq.models.minicpm")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
@@ -397,8 +395,8 @@ def test_llama_cpp_runs_minicpm_fixture(tmp_path, fixture_dir):
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_tokenizes_like_transformers(tmp_path):
-    pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -458,8 +456,8 @@ def test_sentencepiece_style_vocabulary(tmp_path):
     assert all(scores[a] > scores[b] for a, b in zip(merged, merged[1:]))  # merge order = id order here
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
-    pytest.importorskip("llama_cpp")
     tok = _sentencepiece_style_tokenizer()
     llm = _llama(export_gguf(tiny_llama(layers=1, hidden=64, vocab=len(tok)), tmp_path / "m.gguf", tokenizer=tok))
     try:
@@ -502,6 +500,7 @@ def _greedy_llama_cpp(path, ids, n) -> list[int]:
         llm.close()
 
 
+@pytest.mark.llamacpp
 @pytest.mark.slow
 def test_smollm2_4bit_generates_like_paretoq_in_llama_cpp(tmp_path, smollm2):
     import copy
@@ -525,6 +524,7 @@ def test_smollm2_4bit_generates_like_paretoq_in_llama_cpp(tmp_path, smollm2):
     assert _greedy_llama_cpp(path, ids, 8) == ours
 
 
+@pytest.mark.llamacpp
 @pytest.mark.slow
 def test_smollm2_ternary_exports_exactly_and_runs(tmp_path, smollm2):
     """Ternary SmolLM2 (untrained: reference init of a pretrained model) is numerically chaotic — hidden states
@@ -550,9 +550,9 @@ def test_smollm2_ternary_exports_exactly_and_runs(tmp_path, smollm2):
     assert theirs == [int(ours.argmax())]
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_runs_llama_with_biases(tmp_path):
     """Biases are kept (F32; q and k biases permuted with their rows)."""
-    pytest.importorskip("llama_cpp")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -574,9 +574,9 @@ def test_llama_cpp_runs_llama_with_biases(tmp_path):
     assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_runs_llama3_rope(tmp_path):
     """Llama 3 RoPE scaling as llama.cpp's rope_freqs tensor (plain / scaled frequencies)."""
-    pytest.importorskip("llama_cpp")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

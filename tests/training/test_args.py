@@ -11,7 +11,7 @@ from conftest import REPO
 from paretoq.errors import UserError
 from paretoq.training.args import parse_train_args
 
-BASE = ["--input_model_filename", "m", "--train_data_local_path", "t.jsonl", "--output_dir", "o"]
+BASE = ["--input_model_filename", "m", "--train_data_local_path", "t.jsonl", "--output_dir", "o", "--w_bits", "2"]
 
 # SPEC §4: a seed user's command line (from run_train_minicpm.sh), unchanged
 SEED_COMMAND = [
@@ -65,9 +65,11 @@ def test_shipped_json_configs_are_json(json_file):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--train_data_local_path", "t", "--output_dir", "o"], "--input_model_filename is required"),
-    (["--input_model_filename", "m", "--output_dir", "o"], "--train_data_local_path is required"),
-    (["--input_model_filename", "m", "--train_data_local_path", "t"], "--output_dir is required"),
+    (["--train_data_local_path", "t", "--output_dir", "o", "--w_bits", "2"], r"^missing --input_model_filename \("),
+    (["--input_model_filename", "m", "--output_dir", "o", "--w_bits", "2"], r"^missing --train_data_local_path \("),
+    (["--input_model_filename", "m", "--train_data_local_path", "t", "--w_bits", "2"], r"^missing --output_dir \("),
+    (["--input_model_filename", "m", "--train_data_local_path", "t", "--output_dir", "o"], r"^missing --w_bits \("),
+    ([], r"^missing --input_model_filename, --train_data_local_path, --w_bits, --output_dir \(.*paretoq demo"),
     (BASE + ["--w_bits", "5"], "w_bits 5 is not supported"),
     (BASE + ["--group_size", "0"], "group_size must be a positive integer"),
     (BASE + ["--model_max_length", "0"], "--model_max_length must be a positive"),

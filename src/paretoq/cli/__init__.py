@@ -71,10 +71,18 @@ def _setup_output() -> None:
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("paretoq").setLevel(level)
+    # DeepSpeed's logger prints to stdout; its "Setting accelerator to CPU" on every import is noise on a
+    # machine without a GPU (the filter stays on the logger object DeepSpeed configures when imported)
+    logging.getLogger("DeepSpeed").addFilter(_NotAcceleratorGuess())
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+class _NotAcceleratorGuess(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
 
 
 def _one_line(e: BaseException) -> str:

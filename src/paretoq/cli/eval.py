@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from paretoq.cli.common import add_model_argument, model_argument
 from paretoq.errors import ArgumentParser, UserError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -18,7 +19,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 def make_parser() -> ArgumentParser:
     p = ArgumentParser(prog="paretoq eval", description="Perplexity (same tokenisation as training: documents + "
                        "EOS, concatenated) and lm-eval tasks of a model folder.")
-    p.add_argument("--model", required=True, help="model folder (plain, fake-quant or packed)")
+    add_model_argument(p, "model folder (plain, fake-quant or packed)")
     p.add_argument("--data", help="text file for perplexity (JSONL {\"text\": ...}, .json, .txt, .parquet)")
     p.add_argument("--context", type=int, help="tokens per window (default: model_max_length from the folder's "
                    "paretoq_config.yaml, else min(2048, max_position_embeddings))")
@@ -60,7 +61,7 @@ def evaluate_folder(args) -> dict:
     out: dict = {"model": str(args.model), "format": info.format, "w_bits": qc.get("w_bits", 16),
                  "group_size": qc.get("group_size"), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.data is not None:
-        context = args.context or default_context(args.model, info.config)
+        context = args.context or default_context(info.path, info.config)
         res = perplexity_of_file(model, tokenizer, args.data, context, args.stride, args.batch_size,
                                  args.max_windows, progress=not args.no_progress)
         out["perplexity"] = res.to_dict()
@@ -98,6 +99,7 @@ def format_results(out: dict) -> str:
 def main(argv: list[str]) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    model_argument(parser, args)
     if args.list_tasks:
         from paretoq.eval.harness import available_tasks, local_task_names
 

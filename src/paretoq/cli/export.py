@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from paretoq.cli.common import add_model_argument, model_argument
 from paretoq.errors import ArgumentParser, UserError
 
 FORMATS = ("packed", "hf", "gguf")
@@ -13,7 +14,7 @@ FORMATS = ("packed", "hf", "gguf")
 def make_parser() -> ArgumentParser:
     p = ArgumentParser(prog="paretoq export", description="Write a packed (paretoq), hf (dequantized, plain "
                        "transformers) or gguf (llama.cpp) copy of a quantized model folder.")
-    p.add_argument("--model", required=True, help="model folder (fake-quant from paretoq train, or packed)")
+    add_model_argument(p, "model folder (fake-quant from paretoq train, or packed)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, help="output folder (packed, hf) or .gguf file")
     p.add_argument("--scale_dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
@@ -35,8 +36,12 @@ def make_parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = make_parser().parse_args(argv)
-    model, output = Path(args.model), Path(args.output)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    model_argument(parser, args)
+    from paretoq.loading import model_dir
+
+    model, output = model_dir(args.model), Path(args.output)
     if output.resolve() == model.resolve():
         raise UserError(f"--output {output} is the --model folder: choose a new path")
     from paretoq.training.preflight import check_output_dir

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 import time
 
+from paretoq.cli.common import add_model_argument, model_argument
 from paretoq.errors import ArgumentParser, UserError
 
 
 def make_parser() -> ArgumentParser:
     p = ArgumentParser(prog="paretoq generate", description="Generate text from a model folder, streamed to stdout.")
-    p.add_argument("--model", required=True, help="model folder (plain, fake-quant or packed)")
+    add_model_argument(p, "model folder (plain, fake-quant or packed)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -23,7 +24,9 @@ def make_parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    model_argument(parser, args)
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:

@@ -11,6 +11,7 @@ import re
 import sys
 from typing import Any
 
+from paretoq.cli.common import add_model_argument, model_argument
 from paretoq.errors import ArgumentParser
 
 def compact_names(names: list[str]) -> list[str]:
@@ -73,9 +74,10 @@ def format_info(d: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="paretoq info", description="Parameters, bits, bytes and quantized layers of a model "
                        "folder (reads config.json and tensor headers only).")
-    p.add_argument("model", help="model folder")
+    add_model_argument(p, "model folder")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
+    model_argument(p, args)
     from paretoq.loading import folder_info
 
     d = folder_info(args.model)

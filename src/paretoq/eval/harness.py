@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 from paretoq.errors import UserError
@@ -125,6 +126,35 @@ def _metrics(task_results: dict) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval 0.4 (``evaluator.simple_evaluate``) records the git commit of the current folder by
+    running ``git describe`` with the terminal as its stderr, so outside a git checkout every
+    evaluation prints "fatal: not a git repository". For the call, ``evaluator.get_git_commit_hash``
+    runs the same command with its stderr captured (same value, or None); other lm-eval versions are
+    left alone."""
+    import lm_eval
+    from lm_eval import evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None or not getattr(lm_eval, "__version__", "").startswith("0.4"):
+        yield
+        return
+
+    def quiet():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        return out.stdout.strip() or None
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size: int = 8, limit: float | None = None,
               num_fewshot: int | None = None, max_length: int | None = None, seed: int = 1234,
               manager=None) -> dict:
@@ -144,10 +174,11 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, batch_size:
 
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                          fewshot_random_seed=seed)
+        with _quiet_git_hash():
+            results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+                                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                              fewshot_random_seed=seed)
     if results is None:  # not rank 0
         return {}
     return {

@@ -21,10 +21,11 @@ from paretoq.errors import UserError
 from paretoq.files import publish_files, staging_folder
 
 WEIGHTS_NAME = "model.safetensors"
-# Files of a model folder that describe how to tokenise and generate, copied along with the weights.
+# Files of a model folder that describe how to tokenise and generate, copied along with the weights, and
+# the run's paretoq_config.yaml (its training length is the window `paretoq eval` uses by default).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+                   "chat_template.json", "generation_config.json", "paretoq_config.yaml")
 
 
 def export_state(model: nn.Module, convert: dict[type, Callable[[str, nn.Module], dict[str, torch.Tensor]]],

@@ -1,9 +1,11 @@
 """Plain Hugging Face export: the fake-quant weights Ŵ baked into ordinary ``nn.Linear`` weights.
 
-The folder has no ``weight_clip_val`` and no ``quantization_config``, so plain transformers (or
-vLLM; MiniCPM through paretoq's class) loads it as an ordinary model whose logits are the
-fake-quant model's (exactly in fp32; bf16 by default, which rounds Ŵ to bf16). It is as large as
-a bf16 model: use the packed export for the small files.
+The folder has no ``weight_clip_val`` and no ``quantization_config``, so plain transformers, vLLM
+and every Llama tool load it as an ordinary model whose logits are the fake-quant model's (exactly
+in fp32; bf16 by default, which rounds Ŵ to bf16). A MiniCPM model is written as the equivalent
+``LlamaForCausalLM`` (its μP scalings folded into the weights, LongRoPE as transformers'
+``longrope``: ``paretoq.models.minicpm.as_llama``), so no paretoq code is needed to load it. It is
+as large as a bf16 model: use the packed export for the small files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from paretoq.models.minicpm import MiniCPMConfig, as_llama
 from paretoq.export.folder import export_config, export_state, tokenizer_files, write_folder
 from paretoq.quant.packed import PackedLinear, resolve_dtype
 from paretoq.quant.linear import QuantLinear
@@ -43,14 +46,18 @@ def export_hf(model_or_folder: nn.Module | str | os.PathLike, out_dir: str | os.
 
     def baked(_name, m):  # Ŵ of a layer still quantized (a model passed in by the caller)
         w = m.dequantized_weight() if isinstance(m, PackedLinear) else m.quantized_weight()
-        out = {"weight": w.to(dtype)}
+        out = {"weight": w.float()}
         if m.bias is not None:
-            out["bias"] = m.bias.to(dtype)
+            out["bias"] = m.bias.float()
         return out
 
-    with torch.no_grad():
-        tensors = export_state(model, {QuantLinear: baked, PackedLinear: baked}, dtype)
-    config = export_config(model, dtype, None)
+    with torch.no_grad():  # fp32 first: MiniCPM's scalings fold into fp32 values, rounded once to dtype
+        tensors = export_state(model, {QuantLinear: baked, PackedLinear: baked}, torch.float32)
+        config = export_config(model, dtype, None)
+        if isinstance(config, MiniCPMConfig):
+            config, tensors = as_llama(config, tensors)
+            config.dtype, config.architectures = dtype, ["LlamaForCausalLM"]
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     out = write_folder(out_dir, tensors, config, tokenizer_files(source), model=model, tokenizer=tokenizer)
     logger.info("wrote dequantized %s model to %s", str(dtype).removeprefix("torch."), out)
     return out

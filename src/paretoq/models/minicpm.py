@@ -292,4 +292,38 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
 
 
-__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "MiniCPMPreTrainedModel"]
+def as_llama(config: MiniCPMConfig, state: dict[str, torch.Tensor]) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """The same network as a plain ``LlamaForCausalLM``: its config and state dict (fp32 in, fp32 out).
+
+    The three μP scalings are constants, so they fold into weights that follow them linearly:
+    embeddings × scale_emb; ``o_proj`` and ``down_proj`` (weight and bias) × scale_depth/√L; the LM
+    head ÷ (hidden_size/dim_model_base), which unties it from the (now scaled) embedding. LongRoPE
+    becomes transformers' own ``longrope`` rope type (the same angles, switch point and cos/sin
+    scale); where MiniCPM always rotates with the long factors (max_position_embeddings >
+    original_max_position_embeddings) both factor lists are the long ones. The outputs equal
+    MiniCPM's up to the rounding of the folded products and of the angles.
+    """
+    d = config.to_dict()
+    for key in ("scale_emb", "dim_model_base", "scale_depth", "sparse_config", "model_type", "architectures",
+                "auto_map", "rope_scaling", "transformers_version"):
+        d.pop(key, None)
+    rope = dict(config.rope_parameters)
+    if rope.get("rope_type") == "longrope":
+        orig = rope["original_max_position_embeddings"]
+        rope["factor"] = config.max_position_embeddings / orig
+        if config.max_position_embeddings > orig:
+            rope["short_factor"] = list(rope["long_factor"])
+    llama = LlamaConfig(**{**d, "rope_parameters": rope, "tie_word_embeddings": False})
+    residual = config.scale_depth / math.sqrt(config.num_hidden_layers)
+    out = dict(state)
+    embed = state["model.embed_tokens.weight"]
+    out["model.embed_tokens.weight"] = embed * config.scale_emb
+    out["lm_head.weight"] = state.get("lm_head.weight", embed) / (config.hidden_size / config.dim_model_base)
+    for key, tensor in state.items():
+        if key.endswith(("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
+                         "mlp.down_proj.bias")):
+            out[key] = tensor * residual
+    return llama, out
+
+
+__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "MiniCPMPreTrainedModel", "as_llama"]

@@ -30,7 +30,8 @@ class ModelArguments:
         default=None, metadata={"help": "name of the final model folder under <local_dir>/models/ (seed layout); "
                                         "default: the final model is written to output_dir"})
     local_dir: str | None = field(default=None, metadata={"help": "base folder for output_model_filename (seed)"})
-    w_bits: str = field(default="16", metadata={"help": "1, 1.58, 2, 3, 4; 16 = no quantization (0 = 1.58)"})
+    w_bits: str | None = field(default=None, metadata={"help": "required: 1, 1.58, 2, 3, 4; 16 = no quantization, "
+                                                                  "on purpose (0 = 1.58)"})
     group_size: int | None = field(default=None, metadata={"help": "input columns per scale; default one per row"})
     contain_weight_clip_val: bool | None = field(
         default=None, metadata={"help": "accepted for seed compatibility: scales are always kept when the "
@@ -80,6 +81,8 @@ class RunArguments:
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+# what a run cannot do without: the model, the data, the bit width (16 = no quantization, on purpose), the folder
+REQUIRED = ("input_model_filename", "train_data_local_path", "w_bits", "output_dir")
 COMPILE_QUANTIZER_ENV = "PARETOQ_COMPILE_QUANTIZER"
 _SWITCH_VALUES = {"auto": "auto", "true": "true", "yes": "true", "1": "true", "false": "false", "no": "false", "0": "false"}
 
@@ -187,8 +190,11 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     if env_default:
         parser.set_defaults(compile_quantizer=env_default)
     parser.set_defaults(**layered)
-    if not layered.get("output_dir") and not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
-        raise UserError("--output_dir is required: where checkpoints, logs and the final model go")
+    missing = [f"--{name}" for name in REQUIRED if layered.get(name) in (None, "")
+               and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (paretoq train --help lists every flag; `paretoq demo` "
+                        "runs a complete example on a built-in model and data)")
     try:
         model, data, run, training, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # TrainingArguments' own validation (e.g. incompatible flags)
@@ -204,10 +210,6 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
 
 
 def _validate(model: ModelArguments, data: DataArguments, run: RunArguments) -> None:
-    if not model.input_model_filename:
-        raise UserError("--input_model_filename is required: the model folder to start QAT from")
-    if not data.train_data_local_path:
-        raise UserError("--train_data_local_path is required: a JSONL file with one {\"text\": ...} per line")
     if data.model_max_length <= 0:
         raise UserError(f"--model_max_length must be a positive number of tokens, got {data.model_max_length}")
     switch = _SWITCH_VALUES.get(str(run.compile_quantizer).strip().lower())

@@ -1,4 +1,4 @@
-"""Callbacks of a ``paretoq train`` run: the loss plot."""
+"""Callbacks of a ``paretoq train`` run: the last step is always logged, and the loss plot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ from transformers import TrainerCallback
 from paretoq.files import atomic_file
 
 logger = logging.getLogger(__name__)
+
+
+class LogLastStepCallback(TrainerCallback):
+    """Logs the loss of the last step too, so a run shorter than (or not a multiple of)
+    ``--logging_steps`` still has its final loss in the log, TensorBoard and ``loss.png``."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 class LossPlotCallback(TrainerCallback):

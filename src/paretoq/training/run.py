@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import default_data_collator, set_seed
+from transformers import TrainerState, default_data_collator, set_seed
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
@@ -21,11 +21,11 @@ from paretoq.quant import compiled
 from paretoq.quant.config import QuantConfig
 from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
-from paretoq.training.checkpointing import (check_checkpoint_files, latest_complete_checkpoint, publish_model,
+from paretoq.training.checkpointing import (COMPLETION_MARKER, check_checkpoint_files, latest_complete_checkpoint, publish_model,
                                             remove_leftovers)
 from paretoq.training.preflight import check_model_folder, check_output_dir, held_logs
 from paretoq.eval.perplexity import perplexity_from_loss
-from paretoq.training.callbacks import LossPlotCallback
+from paretoq.training.callbacks import LogLastStepCallback, LossPlotCallback
 from paretoq.training.recipe import prepare_model, trainer_kwargs
 from paretoq.training.sharding import connect_deepspeed
 from paretoq.training.trainer import QATTrainer
@@ -89,6 +89,29 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
             f"--output_dir or the same quantization flags")
 
 
+def checkpoint_progress(checkpoint: str, cfg: TrainConfig) -> tuple[int, int]:
+    """(the checkpoint's step, the step this run ends at): ``--max_steps``, else the checkpoint's own plan."""
+    try:
+        state = json.loads((Path(checkpoint) / COMPLETION_MARKER).read_text())
+        step, planned = int(state.get("global_step", 0)), int(state.get("max_steps", 0))
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"checkpoint {checkpoint} has no readable {COMPLETION_MARKER}; delete it or pick another") \
+            from None
+    return step, cfg.training.max_steps if cfg.training.max_steps > 0 else planned
+
+
+def finished_results(cfg: TrainConfig) -> dict | None:
+    """The results of this run if it has already finished (final model and results on disk), else None."""
+    final = Path(cfg.final_model_dir)
+    results = Path(cfg.training.output_dir) / "all_results.json"
+    if not ((final / "config.json").is_file() and any(final.glob("model*.safetensors")) and results.is_file()):
+        return None
+    try:
+        return json.loads(results.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def _removed_on_user_error(path: str, created: bool):
     """Delete ``path`` (a folder this run created) if a ``UserError`` stops the run before training."""
@@ -122,9 +145,19 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
     if args.should_save:
         check_output_dir(args.output_dir)
     resume = find_resume_checkpoint(cfg)
+    complete = False
     if resume:
         check_checkpoint_matches(resume, cfg)
+        step, last = checkpoint_progress(resume, cfg)
+        complete = step >= last
+        finished = finished_results(cfg) if complete else None
+        if finished is not None:  # a re-run of a finished run changes nothing
+            logger.info("%s: training is already complete (step %d of %d, %s); nothing to do (a larger "
+                        "--max_steps trains further)", args.output_dir, step, last, os.path.basename(resume))
+            return {**finished, "final_model_dir": cfg.final_model_dir, "already_complete": True}
         check_checkpoint_files(resume)  # safetensors weights; Trainer state files hold only tensors
+        logger.info("resuming from %s (step %d of %d)%s", resume, step, last,
+                    ": training is complete there, writing the final model" if complete else "")
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
     if compiled.enabled() and cfg.quant.enabled and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
@@ -150,11 +183,16 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
 
     trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, data_collator=default_data_collator,
-                         callbacks=[LossPlotCallback(), *callbacks], **trainer_kwargs(cfg, teacher, calibration))
+                         callbacks=[LogLastStepCallback(), LossPlotCallback(), *callbacks], **trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
     logger.info("quantizer: %s", "fused kernels" if compiled.enabled() else "eager")
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(train_result.metrics)
+    if complete:  # the last checkpoint is the end of training: its weights, no further step
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, COMPLETION_MARKER))
+        metrics = {"train_loss": next((h["train_loss"] for h in reversed(trainer.state.log_history)
+                                       if "train_loss" in h), float("nan"))}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - start, 2)
     metrics["train_samples"] = len(train_ds)
     trainer.log_metrics("train", metrics)
@@ -170,5 +208,6 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
     final_dir = cfg.final_model_dir
     publish_model(trainer, tokenizer, final_dir)  # files moved in complete, config.json last
     if args.should_save:
-        logger.info("final quantized model: %s", final_dir)
+        what = f"{cfg.quant.w_bits}-bit fake-quant model" if cfg.quant.enabled else "model (not quantized)"
+        logger.info("final %s: %s", what, final_dir)
     return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": sum(isinstance(m, QuantLinear) for m in model.modules())}
