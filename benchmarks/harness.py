@@ -8,9 +8,9 @@ The scripts run as ``python benchmarks/<script>.py`` from the repository root; P
 - ``median_ci()`` / ``median_cell()``: a median and its distribution-free 95% interval;
 - ``add_common_args()`` / ``set_threads()``: ``--threads`` and ``--no-append``, torch's threads;
 - ``parse_bits()`` / ``parse_quant()``: ``4,3,2,1.58`` and ``2:row,4:128`` as the scripts take them;
-- ``command()`` / ``append_results()`` / ``append_text()``: a section with date, machine and
-  command at the end of ``benchmarks/RESULTS.md`` (which keeps the latest figure per benchmark:
-  replace the older section when committing a new one; history is in git);
+- ``command()`` / ``append_results()`` / ``replace_section()``: a section with date, machine and
+  command in ``benchmarks/RESULTS.md``, in place of the older section of the same title (the file
+  keeps the latest figure per benchmark; history is in git);
 - ``load_reference()``: the reference quantizer (torchao 0.18's ParetoQ prototype) from ``.oracle/``.
 """
 
@@ -139,14 +139,30 @@ def append_text(text: str) -> None:
         f.write(text)
 
 
+def replace_section(title: str, text: str) -> None:
+    """Put ``text`` (a section starting ``\n## title``) into RESULTS.md in place of the section of the
+    same title, or at the end: the file keeps the latest figure per benchmark (history is in git)."""
+    if not RESULTS.exists():
+        RESULTS.write_text(RESULTS_HEADER, encoding="utf-8")
+    old = RESULTS.read_text(encoding="utf-8")
+    head = f"\n## {title}\n"
+    start = old.find(head)
+    if start < 0:
+        append_text(text)
+        return
+    end = old.find("\n## ", start + len(head))
+    RESULTS.write_text(old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else ""), encoding="utf-8")
+
+
 def append_results(title: str, command: str, lines: list[str], note: str = "") -> None:
-    """A section ``## title`` with date, machine, command and ``note``, then ``lines`` (a table); printed too."""
+    """A section ``## title`` with date, machine, command and ``note``, then ``lines`` (a table), in
+    place of the last section of that title in RESULTS.md; printed too."""
     text = [f"\n## {title}\n", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"- machine: {machine()}", f"- command: `{command}`"]
     if note:
         text.append(f"- {note}")
     text += ["", *lines, ""]
-    append_text("\n".join(text))
+    replace_section(title, "\n".join(text))
     print("\n".join(text))
 
 
