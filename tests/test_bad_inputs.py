@@ -1,4 +1,4 @@
-"""The catalogue of user mistakes, each run through the real CLI in a subprocess.
+"""The catalogue of user mistakes, each run through the real CLI entry point in a fresh process.
 
 Every case must end with exit status 2 and exactly one line on stderr, ``paretoq <cmd>: error: ...``,
 that names the file / line / flag at fault; no traceback; and nothing written: each case runs in
@@ -9,7 +9,6 @@ that the payload of a malicious pickle did not run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -275,28 +274,74 @@ def snapshot(folder: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_user_mistake_gives_one_line_and_writes_nothing(case, ws, tmp_path):
-    argv = [str(a) for a in case.setup(tmp_path, ws)]
-    command = argv[0]
-    if importlib.util.find_spec(f"paretoq.commands.{command}") is None:
-        pytest.skip(f"paretoq {command} has not landed yet")
-    before = snapshot(tmp_path)
+# Every case runs in ONE fresh `python` process (so the suite pays the start-up once, not per case): it
+# calls the CLI's entry point as the `paretoq` command does, with file descriptors 1 and 2 redirected per
+# case, so everything written to the terminal by paretoq or any library is captured; an exception that
+# escapes the entry point is printed as a traceback (and fails the case).
+_RUNNER = r"""
+import json, os, sys, tempfile, traceback
+from paretoq.cli import main
+
+cases = json.load(open(sys.argv[1]))
+results = {}
+for case_id, argv, cwd in cases:
+    os.chdir(cwd)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        sys.stdout.flush(); sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            traceback.print_exc()
+            rc = "raised"
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2); os.close(saved[0]); os.close(saved[1])
+        out.seek(0); err.seek(0)
+        results[case_id] = {"rc": rc, "stdout": out.read(), "stderr": err.read()}
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(ws, tmp_path_factory):
+    """case id → (the run's rc/stdout/stderr, the case folder, its snapshot before the run)."""
+    root = tmp_path_factory.mktemp("cases")
+    jobs, folders, before = [], {}, {}
+    for case in CASES:
+        folder = root / case.id
+        folder.mkdir()
+        argv = [str(a) for a in case.setup(folder, ws)]
+        folders[case.id], before[case.id] = folder, snapshot(folder)
+        jobs.append((case.id, argv, str(folder)))
+    (root.parent / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    r = subprocess.run([sys.executable, "-m", "paretoq.cli", *argv], capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path, env=env)
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr
-    assert r.returncode == 2, f"exit status {r.returncode}\n{r.stderr}"
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{r.stderr}"
+    r = subprocess.run([sys.executable, "-c", _RUNNER, str(root.parent / "jobs.json"), str(root.parent / "out.json")],
+                       capture_output=True, text=True, timeout=1800, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((root.parent / "out.json").read_text())
+    return {cid: (results[cid], folders[cid], before[cid]) for cid in results}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_user_mistake_gives_one_line_and_writes_nothing(case, outcomes):
+    r, folder, before = outcomes[case.id]
+    command = case.id.split("-")[0]
+    assert "Traceback" not in r["stderr"] + r["stdout"], r["stderr"]
+    assert r["rc"] == 2, f"exit status {r['rc']}\n{r['stderr']}"
+    lines = r["stderr"].splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{r['stderr']}"
     line = lines[0]
     assert line.startswith(f"paretoq {command}: error: "), line
     for want in case.expect:
         options = want if isinstance(want, tuple) else (want,)
         assert any(o in line for o in options), f"{options} not in: {line}"
     if case.marker:
-        assert not (tmp_path / "PWNED").exists(), "the pickle payload ran"
-    assert snapshot(tmp_path) == before, "the failed command wrote or changed files"
+        assert not (folder / "PWNED").exists(), "the pickle payload ran"
+    assert snapshot(folder) == before, "the failed command wrote or changed files"
 
 
 def test_catalogue_covers_every_command():
