@@ -13,6 +13,8 @@ import torch
 
 from conftest import FIXTURE, REPO, TEXT
 
+pytestmark = pytest.mark.slow  # two launched processes each (make test-all)
+
 
 def _train_args(out, per_device_bs):
     return ["train", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
