@@ -41,6 +41,7 @@ from transformers.optimization import get_scheduler
 
 from paretoq.errors import UserError
 from paretoq.quant.config import QuantConfig
+from paretoq.quant.fused import set_kernels
 from paretoq.quant.init import needs_calibration
 from paretoq.quant.linear import QuantLinear, set_fake_quant_cache
 from paretoq.quant.swap import quantize_model
@@ -155,8 +156,14 @@ class RecipeTrainer(DistillationMixin, QATTrainer):
                 raise ValueError("qat_start_fraction > 0 works in single-process runs only (DDP/FSDP/DeepSpeed wrap "
                                  "the model before QAT would start): use qat_start_fraction 0")
             self.qat_start = QATStartCallback(quant_config, qat_start_fraction, calibration_data,
-                                              after_switch=lambda m: set_fake_quant_cache(m, self.fake_quant_cache))
+                                              after_switch=self._after_switch)
             self.add_callback(self.qat_start)
+
+    def _after_switch(self, model) -> None:
+        """The freshly quantized layers get the run's fake-quant cache setting and quantizer kernels."""
+        set_fake_quant_cache(model, self.fake_quant_cache)
+        if self.quantizer_kernels is not None:
+            set_kernels(model, self.quantizer_kernels)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:

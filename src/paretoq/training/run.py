@@ -17,7 +17,7 @@ from transformers import default_data_collator, set_seed
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
-from paretoq.quant import compiled
+from paretoq.quant import fused
 from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
 from paretoq.training.checkpointing import (check_checkpoint_files, latest_complete_checkpoint, publish_model,
@@ -97,17 +97,6 @@ def _removed_on_user_error(path: str, created: bool):
 
 def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
-    was_compiled = compiled.enabled()
-    if cfg.fused_quantizer and not was_compiled:
-        compiled.enable(True)
-    try:
-        return _run_training(cfg, callbacks)
-    finally:
-        if compiled.enabled() != was_compiled:
-            compiled.enable(was_compiled)
-
-
-def _run_training(cfg: TrainConfig, callbacks) -> dict:
     args = cfg.training
     # Cheap checks first (nothing written, no weights read), then the data (every line is checked
     # while it is tokenised), then the weights: a user's mistake ends in one line and no output.
@@ -118,9 +107,11 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
         check_checkpoint_matches(resume, cfg)
         check_checkpoint_files(resume)  # safetensors weights; Trainer state files hold only tensors
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
-    if compiled.enabled() and cfg.quant.enabled and (args.use_cpu or not torch.cuda.is_available()):
+    kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled else "eager"  # the model's, not a global switch
+    if kernels == "fused" and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
-        compiled.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
+        kernels = fused.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
+                                 else torch.float32) or "eager"  # (None: not buildable, warned)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
 
@@ -142,9 +133,10 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
 
     trainer = RecipeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, data_collator=default_data_collator,
-                            callbacks=[LossPlotCallback(), *callbacks], **recipe_trainer_kwargs(cfg, teacher, calibration))
+                            callbacks=[LossPlotCallback(), *callbacks], quantizer_kernels=kernels,
+                            **recipe_trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
-    logger.info("quantizer: %s", "fused kernels" if compiled.enabled() else "eager")
+    logger.info("quantizer: %s", "eager" if kernels == "eager" else "fused kernels")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - start, 2)

@@ -5,6 +5,9 @@
 - The fake-quant cache (``paretoq.quant.linear``) is on in single-process runs with gradient
   accumulation or checkpointing: Ŵ once per optimizer step, its summed gradient pushed through the
   quantizer after the step's last micro-batch.
+- ``quantizer_kernels`` ("eager", "fused", "auto" or a ``FusedKernels``; ``paretoq.quant.fused``)
+  chooses the quantizer of the model's layers and of those a mid-run QAT start creates (default
+  None: the layers keep theirs).
 - ``LossPlotCallback`` draws ``loss.png`` from the log history at the end of training.
 - Checkpoints appear only complete (``checkpointing.AtomicCheckpointMixin``); a nan/inf loss stops
   the run without saving the poisoned step (``guards.NonFiniteGuardMixin``).
@@ -19,6 +22,7 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from paretoq.quant.fused import set_kernels
 from paretoq.quant.linear import flush_fake_quant_grads, set_fake_quant_cache
 from paretoq.training.checkpointing import AtomicCheckpointMixin
 from paretoq.training.guards import NonFiniteGuardMixin
@@ -29,8 +33,10 @@ SCALE_PARAM = "weight_clip_val"
 
 
 class QATTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
-    def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True, **kwargs):
+    def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True,
+                 quantizer_kernels=None, **kwargs):
         self.scale_lr_multiplier = scale_lr_multiplier
+        self.quantizer_kernels = quantizer_kernels  # for the QuantLinear layers (fused.set_kernels); None: as they are
         super().__init__(*args, **kwargs)
         # Ŵ computed once per optimizer step (paretoq.quant.linear); not with DDP/FSDP/DeepSpeed,
         # whose gradient hooks need ∂L/∂W during backward. Only where it saves work: several
@@ -40,6 +46,8 @@ class QATTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
             and not (self.is_deepspeed_enabled or self.is_fsdp_enabled) \
             and (self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing))
         set_fake_quant_cache(self.model, self.fake_quant_cache)
+        if self.quantizer_kernels is not None:
+            set_kernels(self.model, self.quantizer_kernels)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
