@@ -177,19 +177,20 @@ class Modes:
 
     @contextlib.contextmanager
     def use(self, mode: str, model):
-        from paretoq.quant import compiled
+        from paretoq.quant import FusedKernels, set_kernels
         from paretoq.quant.linear import set_fake_quant_cache
 
         original = self.cls.forward
         self.cls.forward = self.forwards[mode]
         set_fake_quant_cache(model, self.uses_cache(mode))
         if mode.startswith("ours"):
-            compiled.functional._FUSED = self.fused = getattr(self, "fused", None) or compiled.CompiledQuantizer()
+            self.fused = getattr(self, "fused", None) or FusedKernels()
+            set_kernels(model, self.fused)
         try:
             yield
         finally:
             set_fake_quant_cache(model, False)
-            compiled.enable(False)
+            set_kernels(model, "eager")
             self.cls.forward = original
 
 
@@ -400,9 +401,9 @@ def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
 
     def quantizer():
         for m in layers:
-            functional.quantize_weight(m.weight, m.weight_clip_val, m.scheme, torch.bfloat16)
+            functional.quantize_weight(m.weight, m.weight_clip_val, m.scheme, torch.bfloat16, kernels=m.kernels)
         for m, g in zip(layers, grads):
-            functional.quantize_backward(m.weight, m.weight_clip_val, m.scheme, g)
+            functional.quantize_backward(m.weight, m.weight_clip_val, m.scheme, g, kernels=m.kernels)
 
     def casts():
         for m in layers:
