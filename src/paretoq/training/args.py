@@ -77,7 +77,7 @@ class RunArguments:
         "help": "fused quantizer kernels (Inductor): auto (on when training on CPU; default from "
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
                 "faster steps; on CPU built once per machine into ~/.cache/paretoq/kernels "
-                "($PARETOQ_KERNEL_CACHE)"})
+                "($PARETOQ_KERNEL_CACHE); paretoq/quant/fused.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
