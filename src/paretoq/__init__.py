@@ -17,7 +17,7 @@ _API = {
     "QuantLinear": "paretoq.quant.linear",
     "quantize_model": "paretoq.quant.swap",
     "dequantize_model": "paretoq.quant.swap",
-    "set_kernels": "paretoq.quant.swap",
+    "set_kernels": "paretoq.quant.fused",
     "save_packed": "paretoq.export.packed",
     "load_packed": "paretoq.export.packed",
 }

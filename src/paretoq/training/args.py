@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from paretoq.errors import UserError
+from paretoq.files import atomic_write
 from paretoq.quant.config import QuantConfig
 
 
@@ -143,7 +144,7 @@ class TrainConfig:
 
     def save(self, folder: str) -> str:
         path = Path(folder) / "paretoq_config.yaml"
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False))
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False))
         return str(path)
 
 
