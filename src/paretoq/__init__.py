@@ -1,14 +1,14 @@
 """paretoq: quantization-aware training of LLMs at 1, 1.58, 2, 3 and 4 bits (ParetoQ quantizers).
 
 Importing the package registers the MiniCPM model classes and the ``quant_method: "paretoq"``
-loader with transformers; it has no other side effects. The public names below are imported when
-first used, so ``import paretoq`` (and the ``paretoq`` command's start) stays light.
+loader with transformers (``paretoq.registration``: each as soon as transformers' registry for it
+is loaded); it has no other side effects. The public names below are imported when first used, so
+``import paretoq`` (and the ``paretoq`` command's start) imports neither torch nor transformers.
 """
 
 import importlib
 
-from paretoq import hf_integration as _hf_integration
-from paretoq import models as _models
+from paretoq import registration as _registration
 
 __version__ = "0.1.0"
 
@@ -23,8 +23,7 @@ _API = {
 }
 __all__ = [*_API, "__version__"]
 
-_models.register_minicpm()
-_hf_integration.register()
+_registration.register_with_transformers()
 
 
 def __getattr__(name):

@@ -42,21 +42,34 @@ class DeferredModelClass:
         return f"<deferred class paretoq.models.minicpm.{self.__name__}>"
 
 
-def register_minicpm() -> None:
-    """Register model_type "minicpm" with AutoConfig / AutoModel / AutoModelForCausalLM; idempotent.
-
-    If transformers itself ever ships a "minicpm" model type, its classes are kept.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+def register_config() -> None:
+    """Register model_type "minicpm" with ``AutoConfig``; idempotent. If transformers itself ever ships a
+    "minicpm" model type, its classes are kept."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
     if "minicpm" in CONFIG_MAPPING:
         if CONFIG_MAPPING["minicpm"] is not MiniCPMConfig:
             logger.info("transformers already provides model_type 'minicpm'; keeping its classes")
         return
     AutoConfig.register("minicpm", MiniCPMConfig)
+
+
+def register_model_classes() -> None:
+    """Register the (deferred) MiniCPM model classes with ``AutoModel`` / ``AutoModelForCausalLM``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
+
+    if "minicpm" in CONFIG_MAPPING and CONFIG_MAPPING["minicpm"] is not MiniCPMConfig:
+        return
     for auto, name in ((AutoModel, "MiniCPMModel"), (AutoModelForCausalLM, "MiniCPMForCausalLM")):
         auto.register(MiniCPMConfig, DeferredModelClass(name), exist_ok=True)
+
+
+def register_minicpm() -> None:
+    """Register model_type "minicpm" with AutoConfig / AutoModel / AutoModelForCausalLM now; idempotent
+    (``import paretoq`` does it as transformers loads: ``paretoq.registration``)."""
+    register_config()
+    register_model_classes()
 
 
 def __getattr__(name):
@@ -65,4 +78,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "register_minicpm"]
+__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "register_config", "register_model_classes",
+           "register_minicpm"]
