@@ -29,6 +29,12 @@ CASES = {
     "LlamaConfig first, then the Auto classes":
         (f"import paretoq; from transformers import LlamaConfig, AutoModel; print(json.dumps(type(AutoModel.from_config(__import__('transformers').AutoConfig.from_pretrained({F!r}))).__name__))",
          "MiniCPMModel"),
+    "a paretoq module that imports transformers, imported first":
+        (f"from paretoq.export.hf import export_hf; from transformers import AutoConfig; print(json.dumps(type(AutoConfig.from_pretrained({F!r})).__name__))",
+         "MiniCPMConfig"),
+    "the modeling module imported first":
+        (f"from paretoq.models.minicpm import MiniCPMForCausalLM as M; from transformers import AutoModelForCausalLM as A; print(json.dumps(type(A.from_pretrained({F!r})) is M))",
+         True),
     "the quant method, with the Trainer imported first":
         ("import paretoq; from transformers import Trainer; import transformers.quantizers.auto as q; print(json.dumps(['paretoq' in q.AUTO_QUANTIZER_MAPPING, 'paretoq' in q.AUTO_QUANTIZATION_CONFIG_MAPPING]))",
          [True, True]),

@@ -3,11 +3,12 @@
 ``import paretoq`` registers with transformers the MiniCPM model type (``AutoConfig``, ``AutoModel``,
 ``AutoModelForCausalLM``; ``paretoq.models``) and the ``quant_method: "paretoq"`` loader (its quantizer
 registry; ``paretoq.hf_integration``). Each is registered once the transformers module holding its
-registry is imported: at once if it already is, else as soon as the transformers import that loads
-it has finished (the outermost one: a registry module can finish while another transformers module
-that the registration itself needs is still half-imported). A hook on Python's import system does
-this through ``importlib``'s documented ``MetaPathFinder`` / ``Loader`` protocol, for transformers'
-modules only, and removes itself when every registration has run.
+registry is imported: at once if it already is, else as soon as the import that loads it has
+finished (the outermost import of a transformers or paretoq module: a registry module can finish
+while a module the registration needs, transformers' or paretoq's own, is still half-imported). A
+hook on Python's import system does this through ``importlib``'s documented ``MetaPathFinder`` /
+``Loader`` protocol, for transformers' and paretoq's modules only, and removes itself when every
+registration has run.
 
 So ``import paretoq`` followed by ``AutoModelForCausalLM.from_pretrained(...)`` finds both in place,
 while ``import paretoq`` itself (and the ``paretoq`` command's start and ``--help``) imports neither
@@ -33,8 +34,10 @@ _state = {"depth": 0, "running": False}  # transformers modules being executed; 
 _lock = threading.RLock()
 
 
-def _transformers(name: str) -> bool:
-    return name == "transformers" or name.startswith("transformers.")
+def _watched(name: str) -> bool:
+    """transformers' modules and paretoq's (a registration imports paretoq modules, which must not be
+    half-imported then; paretoq's own imports of transformers are what loads the registries)."""
+    return name.split(".")[0] in ("transformers", "paretoq") and name != __name__
 
 
 def _drain() -> None:
@@ -61,8 +64,8 @@ def _drain() -> None:
 
 
 class _Counted(importlib.abc.Loader):
-    """A transformers module's own loader, counted while it runs; the registration of a registry
-    module is due once it has run."""
+    """A watched module's own loader, counted while it runs; the registration of a registry module is
+    due once it has run, and runs when no watched module is being imported any more."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -89,10 +92,10 @@ class _Counted(importlib.abc.Loader):
 
 
 class _Watcher(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a transformers module it asks the other finders and counts the loader."""
+    """Finds nothing itself: for a watched module it asks the other finders and counts its loader."""
 
     def find_spec(self, fullname, path, target=None):
-        if not _transformers(fullname):
+        if not _watched(fullname):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
