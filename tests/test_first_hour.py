@@ -159,13 +159,12 @@ def _plain_logits(folder: Path, ids: dict) -> dict:
     return torch.load(str(ids_file) + ".logits")
 
 
-def _minicpm_ids():
-    ref = load_file(FIXTURE / "reference.safetensors")
+def _minicpm_ids(ref):
     return {"short": ref["input_ids_short"], "long": ref["input_ids_long"]}  # 40 and 80 > 64 positions (long factors)
 
 
 @pytest.mark.parametrize("bits", [16, 2, 1.58])
-def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits):
+def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits, ref):
     from paretoq import QuantConfig, quantize_model
     from paretoq.export.hf import export_hf
     from paretoq.loading import load_model
@@ -173,7 +172,7 @@ def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits
     model = load_model(FIXTURE, dtype=torch.float32)
     if bits != 16:
         quantize_model(model, QuantConfig(w_bits=bits))
-    ids = _minicpm_ids()
+    ids = _minicpm_ids(ref)
     with torch.no_grad():
         ours = {k: model(v, use_cache=False).logits for k, v in ids.items()}
     out = export_hf(model, tmp_path / "hf", dtype=torch.float32)
@@ -186,9 +185,9 @@ def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits
         assert err < 5e-6, (k, err)
 
 
-def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path):
+def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path, ref):
     """`paretoq export --format hf` of the fixture; unfolded weights (the μP scalings dropped) are far off."""
-    ids = _minicpm_ids()
+    ids = _minicpm_ids(ref)
     from paretoq.loading import load_model
 
     with torch.no_grad():
@@ -207,7 +206,7 @@ def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path):
     assert float((ours - wrong).abs().max()) > 1e-2
 
 
-def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_path):
+def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_path, ref):
     """max_position_embeddings > original_max_position_embeddings: MiniCPM uses the long factors even for
     short inputs; the Llama folder gets the long factors as its short ones."""
     import shutil
@@ -222,7 +221,7 @@ def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_p
     (folder / "config.json").write_text(json.dumps(cfg))
     model = load_model(folder, dtype=torch.float32)
     assert model.model.rotary_emb.uses_long_factors(8)
-    ids = {"short": _minicpm_ids()["short"]}
+    ids = {"short": _minicpm_ids(ref)["short"]}
     with torch.no_grad():
         ours = model(ids["short"], use_cache=False).logits
     out = export_hf(model, tmp_path / "hf", dtype=torch.float32)
