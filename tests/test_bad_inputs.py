@@ -26,7 +26,6 @@ import torch
 from conftest import FIXTURE, TEXT, train_argv
 
 TRAIN = TEXT / "kjv_train.jsonl"
-EVAL = TEXT / "kjv_eval.jsonl"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -259,8 +258,7 @@ CASES = [
          lambda d, w: ["eval", "--model", str(FIXTURE), "--tasks", "no_such_task_xyz", "--output",
                        str(d / "results.json")], ("no_such_task_xyz",)),
     Case("sweep-unknown-bits",
-         lambda d, w: ["sweep", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TRAIN),
-                       "--eval_data_local_path", str(EVAL), "--bits", "4,5", "--output_dir", str(d / "out")],
+         lambda d, w: ["sweep", *train_argv(d / "out", "--bits", "4,5", w_bits=None)],
          ("w_bits 5",)),
 ]
 
