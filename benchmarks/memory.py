@@ -76,15 +76,13 @@ def main(argv=None):
     assert modes[0] == "fp", "--modes must start with fp"
     build_note = ""
     if "ours" in modes:  # the CPU kernels are built before training starts, as `paretoq train` does
-        from paretoq.quant import compiled
+        from paretoq.quant import fused
         from paretoq.quant.functional import SCHEMES
 
         (bits, _), = parse_quant(args.quant)
         for precision in args.precision.split(","):
-            compiled.enable(True)
-            compiled.prebuild([SCHEMES[bits]], torch.bfloat16 if precision == "bf16" else torch.float32)
-            assert compiled.enabled(), "the quantizer's kernels could not be built"
-            compiled.enable(False)
+            kernels = fused.prebuild([SCHEMES[bits]], torch.bfloat16 if precision == "bf16" else torch.float32)
+            assert kernels is not None, "the quantizer's kernels could not be built"
         built = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if built:
             build_note = f"; this run built the CPU kernels first: build child peak {built / 1024:.0f} MiB"

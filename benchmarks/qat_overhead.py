@@ -163,19 +163,20 @@ class Modes:
 
     @contextlib.contextmanager
     def use(self, mode: str, model):
-        from paretoq.quant import compiled
+        from paretoq.quant import FusedKernels, set_kernels
         from paretoq.quant.linear import set_fake_quant_cache
 
         original = self.cls.forward
         self.cls.forward = self.forwards[mode]
         set_fake_quant_cache(model, self.uses_cache(mode))
         if mode.startswith("ours"):
-            compiled.functional._FUSED = self.fused = getattr(self, "fused", None) or compiled.CompiledQuantizer()
+            self.fused = getattr(self, "fused", None) or FusedKernels()
+            set_kernels(model, self.fused)
         try:
             yield
         finally:
             set_fake_quant_cache(model, False)
-            compiled.enable(False)
+            set_kernels(model, "eager")
             self.cls.forward = original
 
 
@@ -386,9 +387,9 @@ def quantizer_parts(model, switch, mode: str, reps: int = 21) -> float:
 
     def quantizer():
         for m in layers:
-            functional.quantize_weight(m.weight, m.weight_clip_val, m.scheme, torch.bfloat16)
+            functional.quantize_weight(m.weight, m.weight_clip_val, m.scheme, torch.bfloat16, kernels=m.kernels)
         for m, g in zip(layers, grads):
-            functional.quantize_backward(m.weight, m.weight_clip_val, m.scheme, g)
+            functional.quantize_backward(m.weight, m.weight_clip_val, m.scheme, g, kernels=m.kernels)
 
     def casts():
         for m in layers:
@@ -522,8 +523,8 @@ def main(argv=None):
                             + (", the processes' steps run at the same time, time-sliced by the scheduler: every "
                                "figure is process CPU time" if args.timeslice else "")
                             + "; FP = median step time; ratio = median over rounds of "
-                            f"(mode step / FP step), "
-                            f"[95% confidence interval of that median, from the order statistics]"
+                            "(mode step / FP step), "
+                            "[95% confidence interval of that median, from the order statistics]"
                             + ("; quantizer − casts: median over 21 alternations of (every layer's quantizer forward "
                                "+ backward − FP's weight and gradient casts), and that as a share of the FP step"
                                if part_modes else "")

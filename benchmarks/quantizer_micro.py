@@ -5,7 +5,7 @@ width; g = ∂L/∂Ŵ in fp32 (``--grad bf16``: a bf16 g, as under autocast, whe
 it cast to fp32 and paretoq reads the bf16 directly). Each repetition runs the reference and
 paretoq back to back on fresh leaf tensors (order alternating) and asserts that Ŵ, ∂L/∂W and
 ∂L/∂α are bit-identical (``torch.equal``). ``fused`` is the same quantizer through the compiled
-kernels (``paretoq.quant.compiled``, the CPU default of ``paretoq train``): Ŵ and ∂L/∂W asserted
+kernels (``paretoq.quant.fused``, the CPU default of ``paretoq train``): Ŵ and ∂L/∂W asserted
 bit-identical too, ∂L/∂α equal to summation order (rtol 2e-6). Figures: median wall and
 process-CPU time. ``--device cuda``: the same on the GPU (each run timed to its last kernel); the
 fused kernels are then Triton's (``torch.compile``), and instead of asserting, the ``equal``
@@ -23,8 +23,8 @@ import torch
 
 from harness import REF_CODE, add_common_args, append_results, clock, command, load_reference, set_threads
 
-from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
+from paretoq.quant.fused import FusedKernels
 
 SHAPES = [(4096, 1024), (1024, 4096)]
 
@@ -49,22 +49,18 @@ def main(argv=None):
         t1, c1 = clock(cuda)
         return (t1 - t0, c1 - c0), (out.detach(), w.grad, a.grad)
 
-    def run_ours(bits, W, A, G):
+    def run_ours(bits, W, A, G, kernels=None):
         w, a = W.clone().requires_grad_(), A.clone().requires_grad_()
         t0, c0 = clock(cuda)
-        out = fake_quantize(w, a, SCHEMES[bits], G.dtype)
+        out = fake_quantize(w, a, SCHEMES[bits], G.dtype, kernels)
         out.backward(G)
         t1, c1 = clock(cuda)
         return (t1 - t0, c1 - c0), (out.detach(), w.grad, a.grad)
 
-    fused = compiled.CompiledQuantizer()
+    fused = FusedKernels()
 
     def run_fused(bits, W, A, G):
-        compiled.functional._FUSED = fused
-        try:
-            return run_ours(bits, W, A, G)
-        finally:
-            compiled.functional._FUSED = None
+        return run_ours(bits, W, A, G, fused)
 
     header = ("| weight | bits | reference fwd+bwd (wall / cpu) | paretoq eager (wall / cpu) | paretoq fused (wall / cpu) "
               "| speed-up eager (wall, cpu) | speed-up fused (wall, cpu) | equal |")

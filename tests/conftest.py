@@ -24,40 +24,34 @@ MINICPM_PROBES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_pr
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# `paretoq train` fuses the quantizer with torch.compile on CPU by default (--compile_quantizer auto):
-# seconds of compiling in every training process. The suite trains with the eager quantizer unless
-# told otherwise (PARETOQ_COMPILE_QUANTIZER=auto|true runs it all fused); the fused path and the
-# auto default have tests of their own (tests/quant/test_compiled.py, tests/training/test_recipe.py).
+# `paretoq train` runs the quantizer's fused kernels on CPU by default (--compile_quantizer auto),
+# built ahead of time once per machine. The suite trains with the eager quantizer unless told
+# otherwise (PARETOQ_COMPILE_QUANTIZER=auto|true runs it all fused); the fused path and the auto
+# default have tests of their own (tests/quant/test_fused.py, tests/training/test_recipe.py).
 os.environ.setdefault("PARETOQ_COMPILE_QUANTIZER", "false")
 
 
 @pytest.fixture(scope="session")
 def prebuilt_kernels():
-    """The CPU kernels (``paretoq.quant.prebuilt``) the quantizer tests call, built up front in parallel
+    """The CPU kernels (``paretoq.quant.fused``) the quantizer tests call, built up front in parallel
     child processes (minutes on a machine that never built them, then read from the disk cache):
-    every scheme's forward and short-row backward, fp32 and bf16."""
-    from paretoq.quant import compiled
+    every scheme's forward and short-row backward, fp32 and bf16. Returns their keys."""
+    from paretoq.quant.fused import FusedKernels
     from paretoq.quant.functional import SCHEMES
 
-    f32 = torch.float32
-    calls = []
-    for scheme in SCHEMES.values():
-        for dtype in (f32, torch.bfloat16):
-            calls += [(compiled.FORWARD_CPU, (f32, f32, scheme, dtype)),
-                      (compiled.BACKWARD_CPU, (f32, f32, scheme, dtype, f32, False))]
-    from paretoq.quant import prebuilt
-
-    prebuilt.prepare(calls)
+    keys = [(name, scheme, dtype, None if name == "forward" else False) for scheme in SCHEMES.values()
+            for dtype in (torch.float32, torch.bfloat16) for name in ("forward", "backward")]
+    FusedKernels().load(keys)
+    return keys
 
 
 @pytest.fixture
 def fused(prebuilt_kernels):
-    """The fused quantizer on (CPU: the kernels built ahead of time), off again afterwards."""
-    from paretoq.quant import compiled
+    """A fresh ``FusedKernels`` (CPU: the kernels built ahead of time, already loaded in this process)
+    to pass as ``kernels=`` or to ``set_kernels``; its ``calls`` start at zero."""
+    from paretoq.quant.fused import FusedKernels
 
-    compiled.enable(True)
-    yield
-    compiled.enable(False)
+    return FusedKernels()
 
 
 @pytest.fixture(scope="session")

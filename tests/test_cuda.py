@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURE, MINICPM_BITS, assert_quantized_minicpm_matches_official, train_argv
-from paretoq.quant import compiled
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
+from paretoq.quant.fused import FusedKernels
 
 pytestmark = pytest.mark.gpu
 
@@ -47,10 +47,10 @@ def _inputs(bits, group, dtype, shape=(384, 512), seed=0):
     return w, a, g
 
 
-def _run(w, a, g, bits, dtype, device):
+def _run(w, a, g, bits, dtype, device, kernels=None):
     w = w.to(device).requires_grad_()
     a = a.to(device).requires_grad_()
-    out = fake_quantize(w, a, SCHEMES[bits], dtype)
+    out = fake_quantize(w, a, SCHEMES[bits], dtype, kernels)
     out.backward(g.to(device))
     return out.detach().cpu(), w.grad.cpu(), a.grad.cpu()
 
@@ -98,18 +98,15 @@ def _assert_nearly_same(got, expected, scheme, a):
 
 @pytest.mark.parametrize("bits", sorted(SCHEMES))
 def test_fused_quantizer_on_gpu_matches_eager(bits):
-    compiled.forget()  # each scheme compiles its own kernels: stay under Dynamo's recompile limit
+    kernels = FusedKernels()  # off the CPU: torch.compile
     for group in (None, 64):
         for dtype in (torch.float32, torch.bfloat16):
             w, a, g = _inputs(bits, group, dtype, seed=1)
             eager = _run(w, a, g, bits, dtype, "cuda")
-            compiled.enable(True)
-            try:
-                fused = _run(w, a, g, bits, dtype, "cuda")
-                assert compiled.enabled(), "the fused quantizer fell back to eager on the GPU"
-            finally:
-                compiled.enable(False)
+            fused = _run(w, a, g, bits, dtype, "cuda", kernels)
+            assert not kernels.failed, "the fused quantizer fell back to eager on the GPU"
             _assert_nearly_same(fused, eager, SCHEMES[bits], a)
+    assert kernels.calls == {"prebuilt": 0, "compiled": 8, "eager": 0}  # 2 layouts × 2 dtypes × forward, backward
 
 
 # The tolerances the CPU tests used before they were set from measured errors (tests/conftest.py); an H200

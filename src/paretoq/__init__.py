@@ -1,16 +1,32 @@
 """paretoq: quantization-aware training of LLMs at 1, 1.58, 2, 3 and 4 bits (ParetoQ quantizers).
 
 Importing the package registers the MiniCPM model classes and the ``quant_method: "paretoq"``
-loader with transformers; it has no other side effects.
+loader with transformers (``paretoq.registration``: each as soon as transformers' registry for it
+is loaded); it has no other side effects. The public names below are imported when first used, so
+``import paretoq`` (and the ``paretoq`` command's start) imports neither torch nor transformers.
 """
 
-import paretoq.models  # registers MiniCPM with transformers' Auto classes
-from paretoq import hf_integration as _hf_integration
-from paretoq.quant import QuantConfig, QuantLinear, dequantize_model, quantize_model
-from paretoq.export.packed import load_packed, save_packed
+import importlib
 
-_hf_integration.register()
+from paretoq import registration as _registration
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "QuantLinear", "quantize_model", "dequantize_model", "save_packed", "load_packed",
-           "__version__"]
+
+_API = {
+    "QuantConfig": "paretoq.quant.config",
+    "QuantLinear": "paretoq.quant.linear",
+    "quantize_model": "paretoq.quant.swap",
+    "dequantize_model": "paretoq.quant.swap",
+    "set_kernels": "paretoq.quant.fused",
+    "save_packed": "paretoq.export.packed",
+    "load_packed": "paretoq.export.packed",
+}
+__all__ = [*_API, "__version__"]
+
+_registration.register_with_transformers()
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'paretoq' has no attribute {name!r}")

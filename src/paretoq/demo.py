@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from paretoq.files import atomic_write
 from paretoq.assets import kjv_demo_files, smollm2_folder
 from paretoq.data import build_datasets
 from paretoq.loading import load_model, load_tokenizer
@@ -101,7 +102,7 @@ def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["ma
                "fp_perplexity": fp_ppl, "rtn_perplexity": rtn_ppl, "qat_perplexity": qat_ppl,
                "train_seconds": metrics.get("train_wall_seconds"), "total_seconds": round(time.perf_counter() - t0, 1),
                "qat_run_dir": str(run_dir), **packed}
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "demo_results.json", json.dumps(results, indent=2))
     _print_summary(results, out)
     return results
 

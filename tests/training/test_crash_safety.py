@@ -132,6 +132,7 @@ def _cli(argv, **kw):
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
+@pytest.mark.slow  # a real process killed mid-run and run again (the interrupted-save test covers resume fast)
 def test_sigkill_mid_run_then_same_command_equals_uninterrupted_run(tmp_path):
     steps, save = 8, 2
     ref, out = tmp_path / "ref", tmp_path / "run"

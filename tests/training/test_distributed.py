@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURE, REPO, train_argv
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # two launched processes each (make test-all)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 VARIANTS = Path(__file__).with_name("train_variants.py")

@@ -296,39 +296,54 @@ def test_gptq_init_at_a_mid_run_switch_under_bf16_autocast(tmp_path):
 
 
 class _QuantizerWatch(TrainerCallback):
+    """Per step: the kernels of the model's QuantLinear layers, and how their calls went."""
+
     def __init__(self):
-        self.fused = []
+        self.kernels, self.calls = [], []
 
-    def on_step_end(self, args, state, control, **kw):
-        from paretoq.quant import compiled
-
-        self.fused.append(compiled.enabled())
+    def on_step_end(self, args, state, control, model=None, **kw):
+        kernels = {m.kernels for m in model.modules() if isinstance(m, QuantLinear)}
+        self.kernels.append([type(k).__name__ for k in kernels])
+        self.calls.append(dict(next(iter(kernels)).calls) if len(kernels) == 1 and None not in kernels else None)
 
 
 def test_cpu_training_fuses_the_quantizer_by_default(tmp_path, monkeypatch, caplog):
     """--compile_quantizer auto (no flag, no $PARETOQ_COMPILE_QUANTIZER): a CPU run trains with the
-    fused kernels, says so in its log, and leaves the switch as it found it."""
+    fused kernels built ahead of time (every quantizer call ran one), says so in its log, and leaves
+    nothing behind: the choice is the run's model's."""
     import logging
-
-    from paretoq.quant import compiled
 
     monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
     watch = _QuantizerWatch()
     with caplog.at_level(logging.INFO, logger="paretoq.training.run"):
         run_training(parse_train_args(train_argv(tmp_path / "run", bits=4, steps=2, **NO_SAVE)), callbacks=[watch])
-    assert watch.fused == [True, True] and not compiled.enabled()
+    assert watch.kernels == [["FusedKernels"], ["FusedKernels"]]
+    first, second = watch.calls
+    assert first["prebuilt"] > 0 and second["prebuilt"] == 2 * first["prebuilt"]
+    assert first["eager"] == second["eager"] == 0
     assert "quantizer: fused kernels" in caplog.messages
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(w_bits=4))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.kernels is None for m in layers)  # a model quantized after the run: eager, the default
+
+
+def test_layers_quantized_at_a_mid_run_qat_start_get_the_fused_kernels(tmp_path):
+    watch = _QuantizerWatch()
+    run_training(parse_train_args(train_argv(tmp_path / "run", steps=2, qat_start_fraction=0.5, compile_quantizer="true",
+                                             **NO_SAVE)), callbacks=[watch])
+    assert watch.kernels == [[], ["FusedKernels"]]  # step 1 full precision, step 2 quantized
+    assert watch.calls[1]["prebuilt"] > 0 and watch.calls[1]["eager"] == 0
 
 
 def test_compile_quantizer_trains_like_the_eager_quantizer(tmp_path):
     """--compile_quantizer: same Ŵ and ∂W bits, ∂α to summation order, so 4 steps track the eager
-    run closely; the switch is off again after the run."""
-    from paretoq.quant import compiled
-
+    run closely."""
     eager, fused = tmp_path / "eager", tmp_path / "fused"
+    watch = _QuantizerWatch()
     run_training(parse_train_args(train_argv(eager, **NO_SAVE)))
-    run_training(parse_train_args(train_argv(fused, compile_quantizer="true", **NO_SAVE)))
-    assert not compiled.enabled()
+    run_training(parse_train_args(train_argv(fused, compile_quantizer="true", **NO_SAVE)), callbacks=[watch])
+    assert watch.calls[-1]["prebuilt"] > 0 and watch.calls[-1]["eager"] == 0
     a, b = _losses(eager), _losses(fused)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     assert [l for _, l in a] == pytest.approx([l for _, l in b], abs=1e-4)

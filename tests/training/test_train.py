@@ -32,7 +32,7 @@ class _Capture(TrainerCallback):
         self.model = model
 
 
-@pytest.mark.parametrize("bits", [1, 1.58, 2, 3, 4])
+@pytest.mark.parametrize("bits", [pytest.param(b, marks=[] if b == 2 else [pytest.mark.slow]) for b in (1, 1.58, 2, 3, 4)])
 def test_cli_train_writes_every_output(tmp_path, bits):
     out = tmp_path / "run"
     assert cli(["train", *train_argv(out, bits=bits, report_to=None)]) == 0  # the default reports to TensorBoard

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paretoq: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _setup_output()
+    if not any(a in ("-h", "--help") for a in rest):  # help text needs no logging set up (nor transformers)
+        _setup_output()
     from paretoq.errors import UserError
 
     try:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
+from paretoq.errors import ArgumentParser
 
 
 def main(argv: list[str]) -> int:
     from paretoq.demo import DEMO_DEFAULTS, run_demo
 
-    p = argparse.ArgumentParser(prog="paretoq demo", description="FP → RTN → QAT → packed, on a real small LM")
+    p = ArgumentParser(prog="paretoq demo", description="FP → RTN → QAT → packed, on a real small LM")
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--max_steps", type=int, default=DEMO_DEFAULTS["max_steps"])
     p.add_argument("--w_bits", default=DEMO_DEFAULTS["w_bits"])

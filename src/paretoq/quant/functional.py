@@ -295,9 +295,6 @@ def _grouped(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
     return weight.reshape(m, groups, n // groups), scale.unsqueeze(-1)
 
 
-_FUSED = None
-"""The fused kernels of ``paretoq.quant.compiled`` when switched on there (``enable``), else None."""
-
 BLOCK_ELEMENTS = 1 << 17
 """On CPU, rows are processed in blocks of about this many elements, in a few scratch buffers made
 once per call: they stay in the L2 cache across the ~12 elementwise passes instead of streaming
@@ -317,19 +314,22 @@ def _row_blocks(w: torch.Tensor, buffers: int):
 
 
 @torch.no_grad()
-def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None,
+                    kernels=None):
     """Ŵ = α̃·q(W/α̃) as a new tensor of ``dtype`` (default: the weight's), no autograd.
 
     The fp32 product is rounded once to ``dtype``: the same bits as ``Ŵ.to(dtype)``, one pass fewer.
+    ``kernels``: None for the eager math below, or a ``paretoq.quant.fused.FusedKernels`` (the same
+    bits in one fused pass).
     """
-    return _quantize_weight(weight, scale, scheme, dtype)
+    return _quantize_weight(weight, scale, scheme, dtype, kernels)
 
 
-def _quantize_weight(weight, scale, scheme, dtype):
-    """``quantize_weight`` for callers that already run without autograd (entering ``no_grad``
-    has a cost, paid per layer and step)."""
-    if _FUSED is not None:
-        return _FUSED.forward(weight, scale, scheme, dtype or weight.dtype)
+def _quantize_weight(weight, scale, scheme, dtype, kernels=None):
+    """``quantize_weight`` for callers that already run without autograd (entering ``no_grad`` has
+    a cost, paid per layer and step)."""
+    if kernels is not None:
+        return kernels.forward(weight, scale, scheme, dtype or weight.dtype)
     w, a = _grouped(weight, scale)
     out = torch.empty(w.shape, dtype=dtype or weight.dtype, device=weight.device)
     for rows, (x,) in _row_blocks(w, 1):
@@ -339,21 +339,23 @@ def _quantize_weight(weight, scale, scheme, dtype):
 
 @torch.no_grad()
 def quantize_backward(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, grad: torch.Tensor, *,
-                      weight_grad: bool = True, scale_grad: bool = True, inplace: bool = False):
+                      weight_grad: bool = True, scale_grad: bool = True, inplace: bool = False, kernels=None):
     """(∂L/∂W, ∂L/∂α) from g = ∂L/∂Ŵ (fp32, or bf16 under autocast: read as fp32, values unchanged).
 
     ``inplace=True`` writes ∂L/∂W into ``grad`` (an fp32 buffer the caller owns). Either gradient
     is None when not asked for. Per block of rows: x = W/α̃, c = clamp(x), M = [c == x], q from c
     in place, the coefficient in place, ·g, ·s_g, row sum, M·g — each value rounded as the
     reference rounds it. Every operand is fp32: mixed-dtype and bool operands take slow paths on CPU.
+    ``kernels``: None for that eager math, or a ``paretoq.quant.fused.FusedKernels`` (one fused pass;
+    ∂L/∂W the same bits, ∂L/∂α the same products summed in another order; ``inplace`` unused).
     """
-    return _quantize_backward(weight, scale, scheme, grad, weight_grad, scale_grad, inplace)
+    return _quantize_backward(weight, scale, scheme, grad, weight_grad, scale_grad, inplace, kernels)
 
 
-def _quantize_backward(weight, scale, scheme, grad, weight_grad=True, scale_grad=True, inplace=False):
+def _quantize_backward(weight, scale, scheme, grad, weight_grad=True, scale_grad=True, inplace=False, kernels=None):
     """``quantize_backward`` for callers that already run without autograd."""
-    if _FUSED is not None:
-        return _FUSED.backward(weight, scale, scheme, grad, weight_grad, scale_grad)
+    if kernels is not None:
+        return kernels.backward(weight, scale, scheme, grad, weight_grad, scale_grad)
     w, a = _grouped(weight, scale)
     g = grad.reshape(w.shape)
     s_g = gradient_scale(weight.numel(), scheme)
@@ -380,27 +382,36 @@ class FakeQuantize(torch.autograd.Function):
 
     Saves only W and α (parameters: no extra memory) and recomputes x = W/α̃ in backward.
     ``dtype`` is the dtype of Ŵ (e.g. bf16 under autocast); gradients come back in fp32.
+    ``kernels`` (None: eager) runs both passes, as in ``quantize_weight``.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
-        ctx.scheme = scheme
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None,
+                kernels=None):
+        ctx.scheme, ctx.kernels = scheme, kernels
         ctx.save_for_backward(weight, scale)
-        return _quantize_weight(weight, scale, scheme, dtype)
+        return _quantize_weight(weight, scale, scheme, dtype, kernels)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        backward = quantize_backward if torch.is_grad_enabled() else _quantize_backward  # create_graph=True: no graph
-        grad_weight, grad_scale = backward(weight, scale, ctx.scheme, grad_output, weight_grad=needs[0],
-                                           scale_grad=needs[1])
-        return grad_weight, grad_scale, None, None
+        if torch.is_grad_enabled():  # create_graph=True: no graph through the quantizer
+            grad_weight, grad_scale = quantize_backward(weight, scale, ctx.scheme, grad_output, weight_grad=needs[0],
+                                                        scale_grad=needs[1], kernels=ctx.kernels)
+        else:
+            grad_weight, grad_scale = _quantize_backward(weight, scale, ctx.scheme, grad_output, needs[0], needs[1],
+                                                         False, ctx.kernels)
+        return grad_weight, grad_scale, None, None, None
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None):
-    """Differentiable fake quantization of ``weight`` (m, n) with scales (m, G), G | n; Ŵ in ``dtype``."""
-    return FakeQuantize.apply(weight, scale, scheme, dtype)
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None,
+                  kernels=None):
+    """Differentiable fake quantization of ``weight`` (m, n) with scales (m, G), G | n; Ŵ in ``dtype``.
+
+    ``kernels``: None for the eager math of this module, or a ``paretoq.quant.fused.FusedKernels``
+    (the same Ŵ and ∂L/∂W bits, ∂L/∂α to summation order, one fused pass each way)."""
+    return FakeQuantize.apply(weight, scale, scheme, dtype, kernels)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ The latent weight stays in full precision (fp32 master weights); the forward use
 under autocast: the same bits as the reference's ``Ŵ.to(bf16)``). The scale ``weight_clip_val``
 (the reference's name, so ParetoQ checkpoints load as they are) is an fp32 parameter of shape
 (out_features, groups), created and initialised here, from the weight, before any optimizer
-exists. Biases are kept.
+exists. Biases are kept. Each layer's ``kernels`` runs its quantizer: None (the eager math) or a
+``paretoq.quant.fused.FusedKernels``, chosen with ``set_kernels(model, ...)`` from that module.
 
 Fake-quant cache (opt-in: ``set_fake_quant_cache(model)``; ``QATTrainer`` turns it on in
 single-process runs). W and α change only at the optimizer step, so Ŵ is computed once per step
@@ -51,6 +52,7 @@ class QuantLinear(nn.Linear):
     """Linear layer with a ParetoQ fake-quantized weight and a learnable per-row/group scale."""
 
     cache_quantized_weight = False  # see the module docstring; per module, set by set_fake_quant_cache
+    kernels = None  # the quantizer: None = eager, or a fused.FusedKernels; per module, set by fused.set_kernels
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: QuantConfig,
                  device=None, dtype=None):
@@ -92,7 +94,7 @@ class QuantLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         """Ŵ, differentiable with respect to the weight and the scale."""
-        return fake_quantize(self.weight, self.weight_clip_val, self.scheme)
+        return fake_quantize(self.weight, self.weight_clip_val, self.scheme, kernels=self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -101,9 +103,9 @@ class QuantLinear(nn.Linear):
         w, a = self.weight, self.weight_clip_val
         if dtype == w.dtype and torch.is_grad_enabled() and (w.requires_grad or a.requires_grad):
             # no cast: FP training would keep no copy of the weight for backward, so neither do we
-            return _RecomputedQuantLinear.apply(x, w, a, self.bias, self.scheme)
+            return _RecomputedQuantLinear.apply(x, w, a, self.bias, self.scheme, self.kernels)
         # a cast (bf16 autocast): FP training keeps the cast weight for backward as we keep Ŵ
-        return F.linear(x, fake_quantize(w, a, self.scheme, dtype), self.bias)
+        return F.linear(x, fake_quantize(w, a, self.scheme, dtype, self.kernels), self.bias)
 
     # -- fake-quant cache ----------------------------------------------------------------------
     def _clear_cache(self) -> None:
@@ -123,7 +125,7 @@ class QuantLinear(nn.Linear):
             self._cache_state = state
         if self._cache_weight is None or self._cache_weight.dtype != dtype:
             with torch.no_grad():
-                self._cache_weight = quantize_weight(w, a, self.scheme, dtype)
+                self._cache_weight = quantize_weight(w, a, self.scheme, dtype, self.kernels)
         if not (torch.is_grad_enabled() and (w.requires_grad or a.requires_grad)):
             return self._cache_weight
         return _CachedFakeQuantize.apply(self._cache_weight, w, a, self)
@@ -146,7 +148,7 @@ class QuantLinear(nn.Linear):
         if grad is None:
             return
         gw, ga = quantize_backward(w, a, self.scheme, grad, weight_grad=w.requires_grad, scale_grad=a.requires_grad,
-                                   inplace=owned)
+                                   inplace=owned, kernels=self.kernels)
         for p, g in ((w, gw), (a, ga)):
             if g is not None:
                 p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g)
@@ -171,10 +173,10 @@ class _RecomputedQuantLinear(torch.autograd.Function):
     of Ŵ from forward to backward. The products are those autograd makes for ``F.linear``."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, scheme):
-        ctx.scheme = scheme
+    def forward(ctx, x, weight, scale, bias, scheme, kernels):
+        ctx.scheme, ctx.kernels = scheme, kernels
         ctx.save_for_backward(x, weight, scale)
-        return F.linear(x, quantize_weight(weight, scale, scheme), bias)
+        return F.linear(x, quantize_weight(weight, scale, scheme, kernels=kernels), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,14 +185,14 @@ class _RecomputedQuantLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_a = grad_b = None
         if need_x:
-            grad_x = g.mm(quantize_weight(weight, scale, ctx.scheme)).reshape(x.shape)
+            grad_x = g.mm(quantize_weight(weight, scale, ctx.scheme, kernels=ctx.kernels)).reshape(x.shape)
         if need_w or need_a:
             grad_w_hat = g.t().mm(x.reshape(-1, x.shape[-1]))
             grad_w, grad_a = quantize_backward(weight, scale, ctx.scheme, grad_w_hat, weight_grad=need_w,
-                                               scale_grad=need_a, inplace=True)
+                                               scale_grad=need_a, inplace=True, kernels=ctx.kernels)
         if need_b:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_a, grad_b, None
+        return grad_x, grad_w, grad_a, grad_b, None, None
 
 
 class _CachedFakeQuantize(torch.autograd.Function):

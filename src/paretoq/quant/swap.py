@@ -10,6 +10,7 @@ from torch import nn
 from paretoq.quant import scale_init as scale_init_lib
 from paretoq.quant.config import QuantConfig, QuantConfigError
 from paretoq.quant.functional import group_label
+from paretoq.quant.fused import set_kernels
 from paretoq.quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def selected_linears(model: nn.Module, config: QuantConfig) -> list[tuple[str, n
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = True,
-                   calibration_data=None) -> QuantReport:
+                   calibration_data=None, kernels="eager") -> QuantReport:
     """Swap the selected Linear layers of ``model`` for ``QuantLinear``, in place.
 
     Every layer is checked before any is swapped, so a bad ``group_size`` leaves the model as it
@@ -61,11 +62,19 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     before the swap, to measure E[x²] (E[x xᵀ] for gptq) of each selected layer's input. The model's ``config.quantization_config``
     records the setting so that ``save_pretrained`` / ``from_pretrained`` (after ``import
     paretoq``) round-trip it.
+
+    ``kernels`` chooses the quantizer the new layers run (``paretoq.quant.set_kernels`` switches
+    them, or a model quantized earlier, later): "eager" (default: nothing is compiled), "fused" (fused
+    kernels: on CPU built ahead of time in child processes at their first call, once per machine,
+    and cached on disk; ``torch.compile`` on other devices) or "auto" (fused for CPU weights, eager
+    elsewhere — what ``paretoq train`` uses, ``--compile_quantizer auto``). Same Ŵ and ∂L/∂W bits
+    either way, ∂L/∂α to summation order.
     """
     report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
                          total_params=sum(p.numel() for p in model.parameters()))
     if not config.enabled:
         return report
+    set_kernels([], kernels)  # a bad choice fails before the model changes
     targets = selected_linears(model, config)
     for name, linear in targets:
         config.check_layer(name, linear.in_features)
@@ -87,6 +96,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
         scale_init_lib.initialize_scales(swapped, config.scale_init, stats)
     if not targets:
         logger.warning("quantize_model: no Linear layer matched include=%s exclude=%s", config.include, config.exclude)
+    set_kernels(swapped.values(), kernels)
     if hasattr(model, "config"):
         model.config.quantization_config = config.to_dict()
     # INFO for a real quantization; DEBUG when the layers are only rebuilt for loading a checkpoint

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from paretoq.errors import UserError
+from paretoq.files import atomic_write
 from paretoq.quant.config import QuantConfig
 
 
@@ -77,7 +78,7 @@ class RunArguments:
         "help": "fused quantizer kernels (Inductor): auto (on when training on CPU; default from "
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
                 "faster steps; on CPU built once per machine into ~/.cache/paretoq/kernels "
-                "($PARETOQ_KERNEL_CACHE)"})
+                "($PARETOQ_KERNEL_CACHE); paretoq/quant/fused.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
@@ -143,7 +144,7 @@ class TrainConfig:
 
     def save(self, folder: str) -> str:
         path = Path(folder) / "paretoq_config.yaml"
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False))
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False))
         return str(path)
 
 

@@ -17,7 +17,7 @@ from transformers import TrainerState, default_data_collator, set_seed
 
 from paretoq.data import build_datasets
 from paretoq.errors import UserError
-from paretoq.quant import compiled
+from paretoq.quant import fused
 from paretoq.quant.config import QuantConfig
 from paretoq.quant.linear import QuantLinear
 from paretoq.training.args import TrainConfig
@@ -125,17 +125,6 @@ def _removed_on_user_error(path: str, created: bool):
 
 def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     """Train, evaluate and save; returns the final metrics (incl. eval perplexity)."""
-    was_compiled = compiled.enabled()
-    if cfg.fused_quantizer and not was_compiled:
-        compiled.enable(True)
-    try:
-        return _run_training(cfg, callbacks)
-    finally:
-        if compiled.enabled() != was_compiled:
-            compiled.enable(was_compiled)
-
-
-def _run_training(cfg: TrainConfig, callbacks) -> dict:
     args = cfg.training
     if args.process_index == 0:
         for note in cfg.seed_flag_notes():
@@ -159,9 +148,11 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
         logger.info("resuming from %s (step %d of %d)%s", resume, step, last,
                     ": training is complete there, writing the final model" if complete else "")
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
-    if compiled.enabled() and cfg.quant.enabled and (args.use_cpu or not torch.cuda.is_available()):
+    kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled else "eager"  # the model's, not a global switch
+    if kernels == "fused" and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
-        compiled.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
+        kernels = fused.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
+                                 else torch.float32) or "eager"  # (None: not buildable, warned)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
 
@@ -183,9 +174,10 @@ def _run_training(cfg: TrainConfig, callbacks) -> dict:
 
     trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, data_collator=default_data_collator,
-                         callbacks=[LogLastStepCallback(), LossPlotCallback(), *callbacks], **trainer_kwargs(cfg, teacher, calibration))
+                         callbacks=[LogLastStepCallback(), LossPlotCallback(), *callbacks], quantizer_kernels=kernels,
+                         **trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
-    logger.info("quantizer: %s", "fused kernels" if compiled.enabled() else "eager")
+    logger.info("quantizer: %s", "eager" if kernels == "eager" else "fused kernels")
     if complete:  # the last checkpoint is the end of training: its weights, no further step
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, COMPLETION_MARKER))

@@ -5,6 +5,7 @@
 | ``create_optimizer`` | the scales (``weight_clip_val``) in their own group: no weight decay, LR × ``scale_lr_multiplier``; the group exists (empty) from step 0 when QAT starts later | |
 | ``create_scheduler`` | with an FP phase (``qat_start_fraction``) or a default WSD decay: the schedule restarts with a fresh warm-up when QAT starts | ``recipe.py`` |
 | ``compute_loss`` | distillation from the FP model: (1 − w)·CE + w·T²·KL | ``distill.py`` |
+| ``__init__`` | the quantizer kernels of the model's layers (``quantizer_kernels``) and the fake-quant cache | ``quant/fused.py``, ``quant/linear.py`` |
 | ``training_step`` | a nan/inf loss stops the run before the optimizer step; the fake-quant cache's gradients are pushed through the quantizer after the step's last micro-batch | ``guards.py``, ``quant/linear.py`` |
 | ``_save_checkpoint``, ``_get_output_dir`` | checkpoints are written into ``.tmp-checkpoint-N`` and moved into place complete; weights with nan/inf are never saved | ``checkpointing.py`` |
 | ``save_state``, ``save_metrics`` | ``trainer_state.json`` and the results files are replaced atomically | ``paretoq/files.py`` |
@@ -30,6 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
 from paretoq.files import TMP_PREFIX, atomic_file, atomic_write, fsync_tree, replace_folder
+from paretoq.quant.fused import set_kernels
 from paretoq.quant.linear import SCALE_PARAM, flush_fake_quant_grads, set_fake_quant_cache
 from paretoq.training import guards
 from paretoq.training.checkpointing import COMPLETION_MARKER
@@ -45,14 +47,16 @@ class QATTrainer(Trainer):
     Args:
         scale_lr_multiplier: LR of the scales = LR × this.
         fake_quant_cache: allow the fake-quant cache where it saves work (see the module docstring).
+        quantizer_kernels: "eager", "fused", "auto" or a ``FusedKernels`` (``paretoq.quant.fused``) for the
+            model's quantized layers and those a mid-run QAT start creates; None: the layers keep theirs.
         quant_config, qat_start_fraction, calibration_data: a full-precision phase first: the model
             is quantized in place (``quant_config``) after ``qat_start_fraction`` of the steps.
         teacher, kd_weight, kd_temperature: distillation from ``teacher`` (``distill.make_teacher``).
     """
 
-    def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True, quant_config=None,
-                 qat_start_fraction: float = 0.0, calibration_data=None, teacher: nn.Module | None = None,
-                 kd_weight: float = 0.0, kd_temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True,
+                 quantizer_kernels=None, quant_config=None, qat_start_fraction: float = 0.0, calibration_data=None,
+                 teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temperature: float = 1.0, **kwargs):
         if not 0.0 <= kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
         if kd_temperature <= 0:
@@ -60,6 +64,7 @@ class QATTrainer(Trainer):
         if kd_weight > 0 and teacher is None:
             raise ValueError("kd_weight > 0 needs a teacher model (make_teacher(model) before quantize_model)")
         self.scale_lr_multiplier = scale_lr_multiplier
+        self.quantizer_kernels = quantizer_kernels
         self.qat_start_fraction = qat_start_fraction
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.teacher = teacher if kd_weight > 0 else None
@@ -73,6 +78,8 @@ class QATTrainer(Trainer):
         self.fake_quant_cache = fake_quant_cache and single \
             and (self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing))
         set_fake_quant_cache(self.model, self.fake_quant_cache)
+        if quantizer_kernels is not None:
+            set_kernels(self.model, quantizer_kernels)
         self.qat_start = None
         if qat_start_fraction > 0:
             if quant_config is None or not quant_config.enabled:
@@ -81,8 +88,14 @@ class QATTrainer(Trainer):
                 raise ValueError("qat_start_fraction > 0 works in single-process runs only (DDP/FSDP/DeepSpeed wrap "
                                  "the model before QAT would start): use qat_start_fraction 0")
             self.qat_start = QATStartCallback(quant_config, qat_start_fraction, calibration_data,
-                                              after_switch=lambda m: set_fake_quant_cache(m, self.fake_quant_cache))
+                                              after_switch=self._after_switch)
             self.add_callback(self.qat_start)
+
+    def _after_switch(self, model) -> None:
+        """The layers a mid-run QAT start creates get the run's fake-quant cache and quantizer kernels."""
+        set_fake_quant_cache(model, self.fake_quant_cache)
+        if self.quantizer_kernels is not None:
+            set_kernels(model, self.quantizer_kernels)
 
     # -- optimizer and schedule ----------------------------------------------------------------
     def create_optimizer(self, model=None):
