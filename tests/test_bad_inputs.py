@@ -23,10 +23,9 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import FIXTURE, TEXT
+from conftest import FIXTURE, TEXT, train_argv
 
 TRAIN = TEXT / "kjv_train.jsonl"
-EVAL = TEXT / "kjv_eval.jsonl"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -117,17 +116,9 @@ def ws(tmp_path_factory):
 # --- the cases ---------------------------------------------------------------------------------
 
 
-def train_argv(out, *changes, **flags) -> list[str]:
-    """A valid ``paretoq train`` command line (tiny run) with ``flags`` replaced / added."""
-    base = {"input_model_filename": FIXTURE, "train_data_local_path": TRAIN, "eval_data_local_path": EVAL,
-            "w_bits": 2, "output_dir": out, "model_max_length": 32, "max_steps": 2, "save_steps": 1,
-            "per_device_train_batch_size": 2, "report_to": "none", "disable_tqdm": "true"}
-    base.update(flags)
-    argv = ["train"]
-    for key, value in base.items():
-        if value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv + list(changes)
+def _train(out, *extra, **flags) -> list[str]:
+    """``paretoq train`` with conftest's tiny run, ``flags`` changed (``name=None`` drops one)."""
+    return ["train", *train_argv(out, *extra, **flags)]
 
 
 @dataclass
@@ -150,7 +141,7 @@ def _checkpoint(folder: Path, source: Path, **quant) -> Path:
 def _pickle_bin_model(d: Path, ws) -> list[str]:
     folder = _copy_model(FIXTURE, d / "model", skip=("model.safetensors",))
     torch.save({"model.embed_tokens.weight": Payload(d / "PWNED")}, folder / "pytorch_model.bin")
-    return train_argv(d / "out", input_model_filename=folder)
+    return _train(d / "out", input_model_filename=folder)
 
 
 def _pickle_as_safetensors(d: Path, ws) -> list[str]:
@@ -162,12 +153,17 @@ def _pickle_as_safetensors(d: Path, ws) -> list[str]:
 def _malicious_optimizer(d: Path, ws) -> list[str]:
     ckpt = _checkpoint(d / "out", ws.m.fake2)
     torch.save({"state": {0: Payload(d / "PWNED")}, "param_groups": []}, ckpt / "optimizer.pt")
-    return train_argv(d / "out")
+    return _train(d / "out")
 
 
 def _other_bits_checkpoint(d: Path, ws) -> list[str]:
     _checkpoint(d / "out", ws.m.fake2, w_bits=4)
-    return train_argv(d / "out", w_bits=2)
+    return _train(d / "out", w_bits=2)
+
+
+def _other_group_size_checkpoint(d: Path, ws) -> list[str]:
+    _checkpoint(d / "out", ws.m.fake2_g16)  # 2 bits, group_size 16
+    return _train(d / "out", w_bits=2)  # per-row scales (group_size None)
 
 
 def _file(d: Path, name: str = "taken") -> Path:
@@ -177,47 +173,47 @@ def _file(d: Path, name: str = "taken") -> Path:
 
 CASES = [
     # -- training data
-    Case("train-data-missing", lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "none.jsonl"),
+    Case("train-data-missing", lambda d, w: _train(d / "out", train_data_local_path=w.data / "none.jsonl"),
          ("none.jsonl", "no such file")),
-    Case("train-data-empty", lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "empty.jsonl"),
+    Case("train-data-empty", lambda d, w: _train(d / "out", train_data_local_path=w.data / "empty.jsonl"),
          ("empty.jsonl", "no documents")),
-    Case("train-data-binary", lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "binary.jsonl"),
+    Case("train-data-binary", lambda d, w: _train(d / "out", train_data_local_path=w.data / "binary.jsonl"),
          ("binary.jsonl:1", "binary")),
-    Case("train-data-invalid-json", lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "badjson.jsonl"),
+    Case("train-data-invalid-json", lambda d, w: _train(d / "out", train_data_local_path=w.data / "badjson.jsonl"),
          ("badjson.jsonl:3", "invalid JSON")),
-    Case("train-data-missing-text", lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "notext.jsonl"),
+    Case("train-data-missing-text", lambda d, w: _train(d / "out", train_data_local_path=w.data / "notext.jsonl"),
          ("notext.jsonl:2", '"text"')),
     Case("train-data-text-not-string",
-         lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "nonstr.jsonl"),
+         lambda d, w: _train(d / "out", train_data_local_path=w.data / "nonstr.jsonl"),
          ("nonstr.jsonl:2", "must be a string", "list")),
     Case("train-eval-data-invalid-json",
-         lambda d, w: train_argv(d / "out", eval_data_local_path=w.data / "badjson.jsonl"), ("badjson.jsonl:3",)),
+         lambda d, w: _train(d / "out", eval_data_local_path=w.data / "badjson.jsonl"), ("badjson.jsonl:3",)),
     Case("train-data-shorter-than-a-block",
-         lambda d, w: train_argv(d / "out", train_data_local_path=w.data / "tiny.jsonl"),
+         lambda d, w: _train(d / "out", train_data_local_path=w.data / "tiny.jsonl"),
          ("tiny.jsonl", "too small", "model_max_length")),
     # -- flags
-    Case("train-w_bits-5", lambda d, w: train_argv(d / "out", w_bits=5), ("w_bits 5", "1.58")),
-    Case("train-w_bits-1.5", lambda d, w: train_argv(d / "out", w_bits=1.5), ("w_bits 1.5",)),
-    Case("train-w_bits-negative", lambda d, w: train_argv(d / "out", w_bits=-1), ("w_bits -1",)),
-    Case("train-group_size-not-dividing", lambda d, w: train_argv(d / "out", group_size=48),
+    Case("train-w_bits-5", lambda d, w: _train(d / "out", w_bits=5), ("w_bits 5", "1.58")),
+    Case("train-w_bits-1.5", lambda d, w: _train(d / "out", w_bits=1.5), ("w_bits 1.5",)),
+    Case("train-w_bits-negative", lambda d, w: _train(d / "out", w_bits=-1), ("w_bits -1",)),
+    Case("train-group_size-not-dividing", lambda d, w: _train(d / "out", group_size=48),
          ("group_size 48", "in_features 128", "model.layers.0.self_attn.q_proj")),
-    Case("train-group_size-0", lambda d, w: train_argv(d / "out", group_size=0), ("group_size", "positive", "0")),
-    Case("train-group_size-negative", lambda d, w: train_argv(d / "out", group_size=-32), ("group_size", "-32")),
-    Case("train-model_max_length-0", lambda d, w: train_argv(d / "out", model_max_length=0),
+    Case("train-group_size-0", lambda d, w: _train(d / "out", group_size=0), ("group_size", "positive", "0")),
+    Case("train-group_size-negative", lambda d, w: _train(d / "out", group_size=-32), ("group_size", "-32")),
+    Case("train-model_max_length-0", lambda d, w: _train(d / "out", model_max_length=0),
          ("--model_max_length", "0")),
-    Case("train-unknown-flag", lambda d, w: train_argv(d / "out", "--w_bitz", "2"), ("--w_bitz",)),
-    Case("train-config-not-yaml", lambda d, w: train_argv(d / "out", config=w.data / "bad.yaml"),
+    Case("train-unknown-flag", lambda d, w: _train(d / "out", "--w_bitz", "2"), ("--w_bitz",)),
+    Case("train-config-not-yaml", lambda d, w: _train(d / "out", config=w.data / "bad.yaml"),
          ("--config", "bad.yaml", "YAML")),
     # -- model folders
-    Case("train-model-folder-missing", lambda d, w: train_argv(d / "out", input_model_filename=d / "nowhere"),
+    Case("train-model-folder-missing", lambda d, w: _train(d / "out", input_model_filename=d / "nowhere"),
          ("nowhere", "does not exist")),
-    Case("train-model-without-config", lambda d, w: train_argv(d / "out", input_model_filename=w.m.no_config),
+    Case("train-model-without-config", lambda d, w: _train(d / "out", input_model_filename=w.m.no_config),
          ("no_config/config.json", "missing")),
     Case("info-unknown-model_type", lambda d, w: ["info", str(w.m.unknown_type)], ("config.json", "'nonsense'")),
     Case("export-config-not-json",
          lambda d, w: ["export", "--model", str(w.m.config_not_json), "--format", "hf", "--output", str(d / "out")],
          ("config_not_json/config.json", "not valid JSON", "line 1")),
-    Case("train-safetensors-truncated", lambda d, w: train_argv(d / "out", input_model_filename=w.m.truncated),
+    Case("train-safetensors-truncated", lambda d, w: _train(d / "out", input_model_filename=w.m.truncated),
          ("truncated/model.safetensors", "truncated")),
     Case("generate-model-folder-missing", lambda d, w: ["generate", "--model", str(d / "nowhere"), "--prompt", "Hi"],
          ("nowhere", "does not exist")),
@@ -234,17 +230,20 @@ CASES = [
          lambda d, w: ["export", "--model", str(w.m.fake2_g16), "--format", "gguf", "--output", str(d / "m.gguf")],
          ("GGUF", "group_size 16")),
     # -- output folders and resuming
-    Case("train-output_dir-is-a-file", lambda d, w: train_argv(_file(d)), ("--output_dir", "taken", "is a file")),
-    Case("train-output_dir-not-writable", lambda d, w: train_argv(_file(d) / "run"),
+    Case("train-output_dir-is-a-file", lambda d, w: _train(_file(d)), ("--output_dir", "taken", "is a file")),
+    Case("train-output_dir-not-writable", lambda d, w: _train(_file(d) / "run"),
          ("--output_dir", "taken/run", ("not writable", "cannot be created"))),
     Case("export-output-not-writable",
          lambda d, w: ["export", "--model", str(w.m.fake2), "--format", "packed", "--output", str(_file(d) / "x")],
          ("--output", "taken", "is a file")),
-    Case("train-resume-without-checkpoint", lambda d, w: train_argv(d / "out", "--resume"),
+    Case("train-resume-without-checkpoint", lambda d, w: _train(d / "out", "--resume"),
          ("--resume", "no checkpoint")),
     Case("train-checkpoint-of-other-w_bits",
          _other_bits_checkpoint,
          ("checkpoint-2", "w_bits=4", "w_bits=2")),
+    Case("train-checkpoint-of-other-group_size",
+         _other_group_size_checkpoint,
+         ("checkpoint-2", "group_size=16", "group_size=None")),
     # -- pickles: refused, never unpickled
     Case("train-pickle-weights", _pickle_bin_model, ("pytorch_model.bin", "pickle"), marker=True),
     Case("generate-pickle-named-safetensors", _pickle_as_safetensors, ("model/model.safetensors", "corrupt"),
@@ -259,8 +258,7 @@ CASES = [
          lambda d, w: ["eval", "--model", str(FIXTURE), "--tasks", "no_such_task_xyz", "--output",
                        str(d / "results.json")], ("no_such_task_xyz",)),
     Case("sweep-unknown-bits",
-         lambda d, w: ["sweep", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TRAIN),
-                       "--eval_data_local_path", str(EVAL), "--bits", "4,5", "--output_dir", str(d / "out")],
+         lambda d, w: ["sweep", *train_argv(d / "out", "--bits", "4,5", w_bits=None)],
          ("w_bits 5",)),
 ]
 
@@ -370,7 +368,7 @@ def test_a_10_mb_line_is_read(tmp_path):
 def test_a_10_mb_line_trains(tmp_path):
     """One 10 MB document (≈4M tokens here) tokenises, packs and trains like any other."""
     data = _long_line_file(tmp_path / "long.jsonl", 10_000_000)
-    argv = train_argv(tmp_path / "out", train_data_local_path=data, max_steps=1, save_steps=1)
+    argv = _train(tmp_path / "out", train_data_local_path=data, steps=1, save_steps=1)
     r = subprocess.run([sys.executable, "-m", "paretoq.cli", *map(str, argv)], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr

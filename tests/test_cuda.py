@@ -8,7 +8,7 @@ is, e.g. ``pytest -m gpu``. What they hold:
 - the fused kernels on the GPU (Triton, through ``torch.compile``: ``--compile_quantizer true``) give
   the eager quantizer's Ŵ and ∂L/∂W there, but for the rare value Triton's division rounds otherwise;
 - the tiny MiniCPM4 fixture, quantized at every bit width on the GPU, meets the official code's
-  logits, loss and gradients within the CPU tests' tolerances;
+  logits, loss and gradients (within the CPU tests' former tolerances: ``GPU_MINICPM_TOLERANCES``);
 - ``paretoq train`` on the GPU logs the CPU run's losses (fp32), and trains under bf16 autocast
   with the fused quantizer and gradient accumulation.
 """
@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURE, MINICPM_BITS, TEXT, assert_quantized_minicpm_matches_official
+from conftest import FIXTURE, MINICPM_BITS, assert_quantized_minicpm_matches_official, train_argv
 from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale
 from paretoq.quant.fused import FusedKernels
 
@@ -109,27 +109,26 @@ def test_fused_quantizer_on_gpu_matches_eager(bits):
     assert kernels.calls == {"prebuilt": 0, "compiled": 8, "eager": 0}  # 2 layouts × 2 dtypes × forward, backward
 
 
+# The tolerances the CPU tests used before they were set from measured errors (tests/conftest.py); an H200
+# met these (2026-12-04). The GPU's errors have not been measured since: until they are, these stand.
+GPU_MINICPM_TOLERANCES = dict(logits_atol=1e-4, loss_atol=1e-5, grad_rtol=1e-4)
+
+
 @pytest.mark.parametrize("tag", list(MINICPM_BITS))
-def test_minicpm_fixture_on_gpu_matches_official(tag):
+def test_minicpm_fixture_on_gpu_matches_official(tag, ref):
     from transformers import AutoModelForCausalLM
 
     from paretoq import QuantConfig, quantize_model
 
-    ref = load_file(str(FIXTURE / "reference.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(FIXTURE, attn_implementation="eager", dtype=torch.float32).eval()
     quantize_model(model.cuda(), QuantConfig(w_bits=MINICPM_BITS[tag]))
-    assert_quantized_minicpm_matches_official(model, ref, tag)
+    assert_quantized_minicpm_matches_official(model, ref, tag, **GPU_MINICPM_TOLERANCES)
 
 
 def _train(out, *extra):
     from paretoq.cli import main as cli
 
-    argv = ["train", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
-            "--eval_data_local_path", str(TEXT / "kjv_eval.jsonl"), "--w_bits", "2", "--output_dir", str(out),
-            "--model_max_length", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
-            "--max_steps", "6", "--save_steps", "6", "--logging_steps", "1", "--learning_rate", "1e-3",
-            "--seed", "11", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra]
-    assert cli(argv) == 0
+    assert cli(["train", *train_argv(out, *extra, steps=6, save_steps=6, report_to=None)]) == 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     results = json.loads((out / "all_results.json").read_text())
     return [h["loss"] for h in history if "loss" in h], results

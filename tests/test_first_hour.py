@@ -14,16 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURE, TEXT
+from conftest import FIXTURE, TEXT, train_argv
 from paretoq.cli import main as cli
 
 
-def _train_argv(out, *extra, bits="2", steps="3"):
-    return ["train", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
-            "--eval_data_local_path", str(TEXT / "kjv_eval.jsonl"), "--w_bits", bits, "--output_dir", str(out),
-            "--model_max_length", "32", "--per_device_train_batch_size", "2", "--max_steps", steps,
-            "--save_steps", "3", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3", "--seed", "3",
-            "--disable_tqdm", "true", *extra]
+# a new user's run: the defaults for logging (every 10 steps) and reporting (TensorBoard), a constant LR
+USER = dict(save_steps=3, logging_steps=None, report_to=None, lr_scheduler_type="constant")
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -34,14 +30,14 @@ def _files(folder: Path) -> dict[str, bytes]:
 def finished_run(tmp_path_factory):
     """A 3-step 2-bit run, finished (checkpoint-3, final model, results)."""
     out = tmp_path_factory.mktemp("first_hour") / "run"
-    assert cli(_train_argv(out)) == 0
+    assert cli(["train", *train_argv(out, steps=3, **USER)]) == 0
     return out
 
 
 def test_rerunning_a_finished_run_changes_no_file(finished_run, caplog, capsys):
     before = _files(finished_run)
     caplog.set_level("INFO", logger="paretoq")
-    assert cli(_train_argv(finished_run)) == 0
+    assert cli(["train", *train_argv(finished_run, steps=3, **USER)]) == 0
     assert _files(finished_run) == before  # every file byte for byte, no checkpoint-4
     assert "training is already complete (step 3 of 3, checkpoint-3)" in caplog.text
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -54,7 +50,7 @@ def test_a_larger_max_steps_resumes_and_says_from_where(finished_run, tmp_path, 
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     caplog.set_level("INFO", logger="paretoq")
-    assert cli(_train_argv(out, steps="4")) == 0
+    assert cli(["train", *train_argv(out, steps=4, **USER)]) == 0
     assert f"resuming from {out / 'checkpoint-3'} (step 3 of 4)" in caplog.text
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["max_steps"] == 4
@@ -70,7 +66,7 @@ def test_a_finished_checkpoint_without_its_final_model_is_published_without_trai
     for name in ("model.safetensors", "config.json", "all_results.json"):
         (out / name).unlink()
     caplog.set_level("INFO", logger="paretoq")
-    assert cli(_train_argv(out)) == 0
+    assert cli(["train", *train_argv(out, steps=3, **USER)]) == 0
     assert "training is complete there, writing the final model" in caplog.text
     assert not (out / "checkpoint-4").exists()
     final, ckpt = load_file(out / "model.safetensors"), load_file(out / "checkpoint-3" / "model.safetensors")
@@ -92,14 +88,13 @@ def test_files_written_atomically_honour_the_umask(finished_run):
 
 
 def test_w_bits_is_required_and_16_is_not_called_quantized(tmp_path, capsys, caplog):
-    argv = [a for a in _train_argv(tmp_path / "x") if a not in ("--w_bits", "2")]
-    assert cli(argv) == 2
+    assert cli(["train", *train_argv(tmp_path / "x", w_bits=None, **USER)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "paretoq train: error: missing --w_bits (paretoq train --help lists every flag; `paretoq demo` runs a "
         "complete example on a built-in model and data)"]
     caplog.set_level("INFO", logger="paretoq")
     out = tmp_path / "fp"
-    assert cli(_train_argv(out, bits="16", steps="1")) == 0
+    assert cli(["train", *train_argv(out, bits=16, steps=1, **USER)]) == 0
     assert f"final model (not quantized): {out}" in caplog.text and "quantized model" not in caplog.text
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
@@ -133,9 +128,7 @@ def test_exports_carry_the_training_length_to_eval(finished_run, tmp_path, capsy
 def test_a_csv_data_file_is_an_unsupported_type(tmp_path, capsys):
     data = tmp_path / "train.csv"
     data.write_text("text\nIn the beginning\n")
-    argv = _train_argv(tmp_path / "out")
-    argv[argv.index("--train_data_local_path") + 1] = str(data)
-    assert cli(argv) == 2
+    assert cli(["train", *train_argv(tmp_path / "out", train_data_local_path=data, **USER)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"paretoq train: error: {data}: unsupported file type '.csv': use JSONL")
     assert not (tmp_path / "out").exists()
@@ -166,13 +159,12 @@ def _plain_logits(folder: Path, ids: dict) -> dict:
     return torch.load(str(ids_file) + ".logits")
 
 
-def _minicpm_ids():
-    ref = load_file(FIXTURE / "reference.safetensors")
+def _minicpm_ids(ref):
     return {"short": ref["input_ids_short"], "long": ref["input_ids_long"]}  # 40 and 80 > 64 positions (long factors)
 
 
 @pytest.mark.parametrize("bits", [16, 2, 1.58])
-def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits):
+def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits, ref):
     from paretoq import QuantConfig, quantize_model
     from paretoq.export.hf import export_hf
     from paretoq.loading import load_model
@@ -180,7 +172,7 @@ def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits
     model = load_model(FIXTURE, dtype=torch.float32)
     if bits != 16:
         quantize_model(model, QuantConfig(w_bits=bits))
-    ids = _minicpm_ids()
+    ids = _minicpm_ids(ref)
     with torch.no_grad():
         ours = {k: model(v, use_cache=False).logits for k, v in ids.items()}
     out = export_hf(model, tmp_path / "hf", dtype=torch.float32)
@@ -193,9 +185,9 @@ def test_minicpm_hf_export_is_a_llama_folder_with_the_same_logits(tmp_path, bits
         assert err < 5e-6, (k, err)
 
 
-def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path):
+def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path, ref):
     """`paretoq export --format hf` of the fixture; unfolded weights (the μP scalings dropped) are far off."""
-    ids = _minicpm_ids()
+    ids = _minicpm_ids(ref)
     from paretoq.loading import load_model
 
     with torch.no_grad():
@@ -214,7 +206,7 @@ def test_minicpm_hf_export_through_the_cli_and_a_negative_control(tmp_path):
     assert float((ours - wrong).abs().max()) > 1e-2
 
 
-def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_path):
+def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_path, ref):
     """max_position_embeddings > original_max_position_embeddings: MiniCPM uses the long factors even for
     short inputs; the Llama folder gets the long factors as its short ones."""
     import shutil
@@ -229,7 +221,7 @@ def test_minicpm_that_always_rotates_with_the_long_factors_exports_exactly(tmp_p
     (folder / "config.json").write_text(json.dumps(cfg))
     model = load_model(folder, dtype=torch.float32)
     assert model.model.rotary_emb.uses_long_factors(8)
-    ids = {"short": _minicpm_ids()["short"]}
+    ids = {"short": _minicpm_ids(ref)["short"]}
     with torch.no_grad():
         ours = model(ids["short"], use_cache=False).logits
     out = export_hf(model, tmp_path / "hf", dtype=torch.float32)
@@ -282,7 +274,6 @@ def test_a_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch, c
 def test_training_from_a_hub_id(tmp_path, monkeypatch):
     _hub_cache(tmp_path, "paretoq-tests/minicpm4-tiny", FIXTURE)
     _use_cache(monkeypatch, tmp_path / "hub")
-    argv = _train_argv(tmp_path / "run", steps="1")
-    argv[argv.index("--input_model_filename") + 1] = "paretoq-tests/minicpm4-tiny"
-    assert cli(argv) == 0
+    assert cli(["train", *train_argv(tmp_path / "run", steps=1, input_model_filename="paretoq-tests/minicpm4-tiny",
+                                     **USER)]) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import FIXTURE, TEXT
+from conftest import TEXT, train_argv
 from paretoq.cli import main as cli
 
 
@@ -19,11 +19,10 @@ def sweep(tmp_path_factory):
     first = json.loads((TEXT / "kjv_eval.jsonl").read_text().splitlines()[0])["text"][:2000]
     eval_file.write_text(json.dumps({"text": first}) + "\n")
     out = tmp / "out"
-    argv = ["sweep", "--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
-            "--eval_data_local_path", str(eval_file), "--output_dir", str(out), "--bits", "4,2",
-            "--max_steps", "3", "--model_max_length", "32", "--per_device_train_batch_size", "2",
-            "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", "--seed", "3",
-            "--disable_tqdm", "true", "--report_to", "none", "--dataloader_num_workers", "0", "--no_progress"]
+    # the train flags of conftest's tiny run, with the sweep's --bits in place of --w_bits
+    argv = ["sweep", *train_argv(out, "--bits", "4,2", "--no_progress", w_bits=None, steps=3, seed=3,
+                                 eval_data_local_path=eval_file, per_device_eval_batch_size=16, save_steps=None,
+                                 logging_steps=None)]
     assert cli(argv) == 0
     return out, argv, eval_file
 

@@ -359,24 +359,134 @@ def _llama_logits(path, ids) -> np.ndarray:
         llm.close()
 
 
+# llama.cpp's own arithmetic, emulated on paretoq's model: the logits of a correct export then agree to ~1e-6 of
+# max|logit| (with the plain model, 1–2%, which a wrong RoPE row order exceeds only 3–4×). What llama.cpp does on a
+# CPU: each quantized projection's input is rounded to 8-bit blocks (q8_0: 32 values and an fp16 scale, for Q4_0
+# weights; q8_K: 256 values, scale max/-127 in fp32, for the K and TQ types) and multiplied by the weights as decoded
+# (d·k); K and V sit in an fp16 cache, Q and the softmax probabilities are rounded to fp16 for their products.
+# What is not emulated: an activation whose 8-bit rounding is a near tie may round the other way in llama.cpp (its
+# fp32 sums run in another order), which moves the logits by one rounding step of that activation: ~1e-3–5e-2 of
+# max|logit| on these random models, in some inputs and not others. The tolerances below are 3× the largest error
+# measured over four inputs per model (2026-12-06, llama-cpp-python 0.3.36, x86 CPU); the same models exported with
+# transformers' RoPE row order (no permutation) miss by ≥ 10× the tolerance.
+LLAMA_CPP_RTOL = {  # of max|logit|: (largest measured, wrong row order: smallest measured)
+    "tiny": 5e-2,  # 1.6e-2 (1.58–4 bits; without a rounding flip ≤ 1.3e-6); wrong order 0.82
+    "minicpm": 1.6e-2,  # 5.2e-3; wrong order 0.17
+    "biases": 3e-3,  # 9.5e-4; wrong order 0.10
+    "llama3": 6e-2,  # 1.8e-2; wrong order 0.89
+}
+
+
+def _q8(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x`` (…, n) as llama.cpp rounds a matrix product's activations: q8_0 or q8_K blocks, dequantized."""
+    block = 32 if kind == "q8_0" else 256
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    if kind == "q8_0":  # d = amax/127 stored in fp16; q = round(x · 127/amax)
+        amax = xb.abs().amax(-1, keepdim=True)
+        q = torch.round(xb * torch.where(amax > 0, 127 / amax, 0))
+        return (q * (amax / 127).half().float()).reshape(x.shape)
+    signed_max = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # q8_K: iscale = -127/max, d = 1/iscale (fp32)
+    iscale = torch.where(signed_max != 0, -127 / signed_max, 0)
+    q = torch.round(iscale * xb).clamp(max=127)
+    return (q * torch.where(iscale != 0, 1 / iscale, 0)).reshape(x.shape)
+
+
+class _LlamaCppLinear(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, bias, kind: str):
+        super().__init__()
+        self.weight, self.bias, self.kind = weight, bias, kind
+
+    def forward(self, x):
+        return torch.nn.functional.linear(_q8(x, self.kind), self.weight, self.bias)
+
+
+def _f16_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Causal attention with Q, K, V and the probabilities rounded to fp16 (llama.cpp's f16 KV cache)."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    key = repeat_kv(key, module.num_key_value_groups).half().float()
+    value = repeat_kv(value, module.num_key_value_groups).half().float()
+    scores = query.half().float() @ key.transpose(2, 3) * scaling
+    q_len, k_len = scores.shape[-2:]
+    scores = scores.masked_fill(~torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs.half().float() @ value).transpose(1, 2).contiguous(), probs
+
+
+def llama_cpp_emulation(model, path):
+    """A copy of ``model`` (quantized Llama or MiniCPM) that computes as llama.cpp computes the GGUF file ``path``."""
+    import copy
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("paretoq_tests_llama_cpp", _f16_attention)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    emulated = copy.deepcopy(model)
+    for i, layer in enumerate(emulated.model.layers):
+        for sub, short in PROJ.items():
+            q = layer.get_submodule(sub)
+            decoded, _ = _expected(q)  # d·k, what the file's blocks decode to (rows in transformers' order)
+            kind = "q8_0" if types[f"blk.{i}.{short}.weight"] == "Q4_0" else "q8_K"
+            parent, _, child = sub.rpartition(".")
+            bias = None if q.bias is None else q.bias.detach()
+            setattr(layer.get_submodule(parent), child, _LlamaCppLinear(torch.from_numpy(decoded), bias, kind))
+    emulated.config._attn_implementation = "paretoq_tests_llama_cpp"
+    return emulated
+
+
+def _sharpen_attention(model, factor=8.0):
+    """q_proj and k_proj × ``factor``: attention scores × factor², so attention is sharp and where a token sits
+    (RoPE) matters. At the init's small weights attention is near uniform, and a wrong RoPE row order moved the
+    logits by only 4–7% of max|logit|."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    return model
+
+
+def assert_llama_cpp_logits(model, path, ids, rtol, wrong_path):
+    """llama.cpp's logits for ``ids`` equal the emulation's within ``rtol`` of max|logit|; the file written with
+    the wrong RoPE row order (``wrong_path``) misses by at least 10× that. Returns (ours, theirs)."""
+    with torch.no_grad():
+        ours = llama_cpp_emulation(model, path)(torch.tensor([ids])).logits[0].numpy()
+    theirs, wrong = _llama_logits(path, ids), _llama_logits(wrong_path, ids)
+    scale = np.abs(ours).max()
+    err, wrong_err = np.abs(theirs - ours).max() / scale, np.abs(wrong - ours).max() / scale
+    assert err <= rtol, f"llama.cpp differs by {err:.3g} of max|logit| (tolerance {rtol})"
+    assert wrong_err >= 10 * rtol, f"the wrong RoPE row order differs by only {wrong_err:.3g} (< 10 × {rtol})"
+    return ours, theirs
+
+
+def _export_with_wrong_rope_rows(monkeypatch, model, path, **kwargs):
+    """Negative control: the export with q_proj / k_proj rows left in transformers' half-split order."""
+    import paretoq.export.gguf as exporter
+
+    monkeypatch.setattr(exporter, "_heads_interleaved", lambda rows, heads: torch.arange(rows))
+    try:
+        return export_gguf(model, path, **kwargs)
+    finally:
+        monkeypatch.undo()
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("bits, expect", [(1.58, "TQ2_0"), (2, "Q2_K"), (3, "Q3_K"), (4, "Q4_0")])
-def test_llama_cpp_runs_tiny_llama(tmp_path, bits, expect):
-    """llama.cpp's logits equal ours up to its 8-bit activation quantization (q8_K / q8_0 dot products)."""
-    model = tiny_llama(layers=2, hidden=256, vocab=512, seed=1)
+def test_llama_cpp_runs_tiny_llama(tmp_path, monkeypatch, bits, expect):
+    """llama.cpp's logits equal ours with its arithmetic emulated (8-bit activations for the q8_K / q8_0 dot
+    products, fp16 attention); a wrong RoPE row order misses by ≥ 10× the tolerance."""
+    model = _sharpen_attention(tiny_llama(layers=2, hidden=256, vocab=512, seed=1))
     quantize_model(model, QuantConfig(w_bits=bits))
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    wrong = _export_with_wrong_rope_rows(monkeypatch, model, tmp_path / "w.gguf", tokenizer=TOKENIZER,
+                                         float_type="f32")
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name.endswith("ffn_up.weight")} == {expect}
-    ids = [5, 77, 300, 12, 400, 9, 100, 250]
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
-    theirs = _llama_logits(path, ids)
-    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    ours, theirs = assert_llama_cpp_logits(model, path, [5, 77, 300, 12, 400, 9, 100, 250], LLAMA_CPP_RTOL["tiny"],
+                                           wrong)
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.85
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_runs_minicpm_fixture(tmp_path, fixture_dir):
+def test_llama_cpp_runs_minicpm_fixture(tmp_path, monkeypatch, fixture_dir):
     """The μP scalings and LongRoPE as llama.cpp reads them. llama.cpp pads the context to ≥ 256 positions and picks
     the long factors for a context longer than original_max_position_embeddings (64 here), for every position;
     paretoq picks per sequence. So the comparison runs ours with the long factors (real MiniCPM4 has
@@ -386,12 +496,10 @@ def test_llama_cpp_runs_minicpm_fixture(tmp_path, fixture_dir):
     model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
     quantize_model(model, QuantConfig(w_bits=4))
     path = export_gguf(model, tmp_path / "m.gguf", float_type="f32")
-    ids = [5, 77, 300, 12, 400, 9, 100, 250, 33, 44]
+    wrong = _export_with_wrong_rope_rows(monkeypatch, model, tmp_path / "w.gguf", float_type="f32")
     model.model.rotary_emb.always_long = True
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
-    theirs = _llama_logits(path, ids)
-    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    ours, theirs = assert_llama_cpp_logits(model, path, [5, 77, 300, 12, 400, 9, 100, 250, 33, 44],
+                                           LLAMA_CPP_RTOL["minicpm"], wrong)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
@@ -551,7 +659,7 @@ def test_smollm2_ternary_exports_exactly_and_runs(tmp_path, smollm2):
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_runs_llama_with_biases(tmp_path):
+def test_llama_cpp_runs_llama_with_biases(tmp_path, monkeypatch):
     """Biases are kept (F32; q and k biases permuted with their rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -563,19 +671,17 @@ def test_llama_cpp_runs_llama_with_biases(tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
-    quantize_model(model, QuantConfig(w_bits=4))
+    quantize_model(_sharpen_attention(model), QuantConfig(w_bits=4))
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    wrong = _export_with_wrong_rope_rows(monkeypatch, model, tmp_path / "w.gguf", tokenizer=TOKENIZER,
+                                         float_type="f32")
     names = {t.name for t in gguf.GGUFReader(path).tensors}
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_output.bias", "blk.0.ffn_down.bias"} <= names
-    ids = [5, 77, 300, 12, 400, 9, 100, 250]
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
-    theirs = _llama_logits(path, ids)
-    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    assert_llama_cpp_logits(model, path, [5, 77, 300, 12, 400, 9, 100, 250], LLAMA_CPP_RTOL["biases"], wrong)
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_runs_llama3_rope(tmp_path):
+def test_llama_cpp_runs_llama3_rope(tmp_path, monkeypatch):
     """Llama 3 RoPE scaling as llama.cpp's rope_freqs tensor (plain / scaled frequencies)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -585,12 +691,10 @@ def test_llama_cpp_runs_llama3_rope(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope,
                                          max_position_embeddings=128)).eval()
-    quantize_model(model, QuantConfig(w_bits=4))
+    quantize_model(_sharpen_attention(model), QuantConfig(w_bits=4))
     path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    wrong = _export_with_wrong_rope_rows(monkeypatch, model, tmp_path / "w.gguf", tokenizer=TOKENIZER,
+                                         float_type="f32")
     kind, freqs = _tensor(gguf.GGUFReader(path), "rope_freqs.weight")
     assert kind == "F32" and freqs.shape == (32,) and 1 <= freqs.min() and freqs.max() == pytest.approx(8)
-    ids = list(range(3, 60, 3))
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0].numpy()
-    theirs = _llama_logits(path, ids)
-    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    assert_llama_cpp_logits(model, path, list(range(3, 60, 3)), LLAMA_CPP_RTOL["llama3"], wrong)

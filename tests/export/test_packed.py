@@ -137,9 +137,41 @@ def test_save_load_packed_model_logits(tmp_path, bits, group):
         assert torch.equal(packed(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("group", [None, 32])
+def test_save_load_ternary_model_in_base3(tmp_path, group):
+    """A whole 1.58-bit model saved with base-3 codes (5 per byte): the file holds base-3 bytes, and both loaders
+    give back the 2-bit export's codes and, bit for bit, the fake-quant model's logits with fp16 scales."""
+    model = _quantized_tiny_llama(1.58, group)
+    save_packed(model, tmp_path / "base3", dtype=torch.float32, ternary_format="base3")
+    save_packed(model, tmp_path / "2bit", dtype=torch.float32)
+    qc = json.loads((tmp_path / "base3" / "config.json").read_text())["quantization_config"]
+    assert qc["w_bits"] == 1.58 and qc["ternary_format"] == "base3" and qc["group_size"] == group
+    base3 = load_file(tmp_path / "base3" / "model.safetensors")
+    two_bit = load_file(tmp_path / "2bit" / "model.safetensors")
+    names = [k for k in base3 if k.endswith(".qweight")]
+    assert len(names) == 14
+    for name in names:
+        layer = model.get_submodule(name.removesuffix(".qweight"))
+        n = layer.in_features * layer.out_features
+        assert base3[name].numel() == -(-n // 5) and two_bit[name].numel() == -(-n // 4), name
+    _round_scales(model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    reference = load_packed(tmp_path / "2bit")
+    for loaded in (load_packed(tmp_path / "base3"), AutoModelForCausalLM.from_pretrained(tmp_path / "base3")):
+        layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+        assert len(layers) == 14 and {m.code_format for m in layers} == {"base3"}
+        for name, m in loaded.named_modules():
+            if isinstance(m, PackedLinear):
+                assert torch.equal(m.codes(), reference.get_submodule(name).codes()), name
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want)
+
+
 def test_from_pretrained_after_import_paretoq(tmp_path):
     model = _quantized_tiny_llama(2, 32)
-    save_packed(model, tmp_path, dtype=torch.float32, ternary_format="base3")
+    save_packed(model, tmp_path, dtype=torch.float32)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     layer = again.model.layers[0].self_attn.o_proj
     assert isinstance(layer, PackedLinear) and layer.scales.dtype == torch.float16

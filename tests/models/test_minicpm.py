@@ -14,18 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import paretoq.models  # noqa: F401  (registers "minicpm")
-from conftest import FIXTURE, LOGITS_ATOL, LOSS_ATOL, MINICPM_BITS, assert_quantized_minicpm_matches_official
+from conftest import LOGITS_ATOL, LOSS_ATOL, MINICPM_BITS, assert_quantized_minicpm_matches_official
+from paretoq import QuantConfig, quantize_model
 from paretoq.models import minicpm
 from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
-
-@pytest.fixture(scope="module")
-def fixture_dir():
-    return FIXTURE
-
-
-@pytest.fixture(scope="module")
-def ref(fixture_dir):
-    return load_file(str(fixture_dir / "reference.safetensors"))
 
 
 def load(folder, attn="eager", **kwargs):
@@ -67,11 +59,20 @@ def test_long_factors_matter(fixture_dir, ref):
 
 @pytest.mark.parametrize("tag", list(MINICPM_BITS))
 def test_quantized_matches_reference(fixture_dir, ref, tag):
-    from paretoq import QuantConfig, quantize_model
-
     model = load(fixture_dir)
     quantize_model(model, QuantConfig(w_bits=MINICPM_BITS[tag]))
     assert_quantized_minicpm_matches_official(model, ref, tag)
+
+
+@pytest.mark.parametrize("tag", list(MINICPM_BITS))
+def test_wrong_rms_norm_eps_fails_the_official_comparison(fixture_dir, ref, tag):
+    """Negative control: RMSNorm's ε 1e-5 instead of the config's 1e-6 (logits off by 1.1–2.3e-5, gradients by
+    5.4–8.7e-5 relative) must fail the tolerances the test above holds the faithful model to."""
+    model = load(fixture_dir, rms_norm_eps=1e-5)
+    assert model.model.norm.variance_epsilon == 1e-5
+    quantize_model(model, QuantConfig(w_bits=MINICPM_BITS[tag]))
+    with pytest.raises(AssertionError):
+        assert_quantized_minicpm_matches_official(model, ref, tag)
 
 
 def test_quantize_tiny_llama():

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import FIXTURE, TEXT
+from conftest import train_argv
 from paretoq.training.args import parse_train_args
 from paretoq.training.checkpointing import latest_complete_checkpoint, remove_leftovers
 from paretoq.training.guards import TrainingDiverged
@@ -33,13 +33,7 @@ from paretoq.training.run import find_resume_checkpoint, run_training
 from paretoq.training.trainer import QATTrainer
 
 
-def _argv(out, *extra, steps=6, save=2):
-    return ["--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
-            "--eval_data_local_path", str(TEXT / "kjv_eval.jsonl"), "--w_bits", "2", "--output_dir", str(out),
-            "--model_max_length", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "16",
-            "--max_steps", str(steps), "--save_steps", str(save), "--save_total_limit", "2", "--logging_steps", "1",
-            "--learning_rate", "1e-3", "--seed", "5", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-            "--report_to", "none", *extra]
+RUN = dict(steps=6, save_total_limit=2)  # checkpoints every 2 steps (train_argv's default), the last two kept
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
@@ -56,7 +50,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def straight(tmp_path_factory):
     """An uninterrupted in-process run: the reference."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    run_training(parse_train_args(_argv(out)))
+    run_training(parse_train_args(train_argv(out, **RUN)))
     return out
 
 
@@ -74,7 +68,7 @@ def test_resume_skips_incomplete_checkpoints_and_removes_leftovers(tmp_path):
     (out / ".tmp-checkpoint-8" / "checkpoint-8").mkdir(parents=True)
     (out / ".tmp-final-model").mkdir()
     assert latest_complete_checkpoint(out) == str(out / "checkpoint-4")
-    cfg = parse_train_args(_argv(out))
+    cfg = parse_train_args(train_argv(out, **RUN))
     assert find_resume_checkpoint(cfg) == str(out / "checkpoint-4")
     assert not list(out.glob(".tmp-*"))
     assert (out / "checkpoint-6").is_dir()  # skipped, not deleted: the next save of step 6 replaces it
@@ -99,14 +93,14 @@ def test_interrupted_save_leaves_no_checkpoint_and_resume_is_exact(tmp_path, mon
 
     monkeypatch.setattr(QATTrainer, "_save_rng_state", dies_at_step_4)
     with pytest.raises(_Boom):
-        run_training(parse_train_args(_argv(out)))
+        run_training(parse_train_args(train_argv(out, **RUN)))
     monkeypatch.undo()
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / "checkpoint-4").exists()  # never visible half-written
     staged = out / ".tmp-checkpoint-4" / "checkpoint-4"
     assert (staged / "model.safetensors").is_file() and not (staged / "trainer_state.json").exists()
 
-    metrics = run_training(parse_train_args(_argv(out)))  # the same command again
+    metrics = run_training(parse_train_args(train_argv(out, **RUN)))  # the same command again
     assert not list(out.glob(".tmp-*"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # rotation (limit 2)
     assert _losses(out) == _losses(straight)
@@ -143,11 +137,11 @@ def test_sigkill_mid_run_then_same_command_equals_uninterrupted_run(tmp_path):
     steps, save = 8, 2
     ref, out = tmp_path / "ref", tmp_path / "run"
     shared = ("--cache_dir", str(tmp_path / "cache"))  # tokenise once for the three runs
-    r = _cli(_argv(ref, *shared, steps=steps, save=save))
+    r = _cli(train_argv(ref, *shared, steps=steps, save_steps=save))
     _, err = r.communicate(timeout=600)
     assert r.returncode == 0, err
 
-    p = _cli(_argv(out, *shared, steps=steps, save=save))
+    p = _cli(train_argv(out, *shared, steps=steps, save_steps=save))
     deadline = time.monotonic() + 600
     while not (out / "checkpoint-4").is_dir():  # appears only complete (atomic rename)
         assert p.poll() is None, p.communicate()[1]
@@ -159,7 +153,7 @@ def test_sigkill_mid_run_then_same_command_equals_uninterrupted_run(tmp_path):
     assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
     assert latest_complete_checkpoint(out) in (str(out / "checkpoint-4"), str(out / "checkpoint-6"))
 
-    r = _cli(_argv(out, *shared, steps=steps, save=save))
+    r = _cli(train_argv(out, *shared, steps=steps, save_steps=save))
     _, err = r.communicate(timeout=600)
     assert r.returncode == 0, err
     assert not list(out.glob(".tmp-*"))
@@ -186,7 +180,8 @@ class _PoisonAt(TrainerCallback):
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint is .*checkpoint-3"):
-        run_training(parse_train_args(_argv(out, steps=6, save=1)), callbacks=[_PoisonAt(4)])
+        run_training(parse_train_args(train_argv(out, steps=6, save_steps=1, save_total_limit=2)),
+                     callbacks=[_PoisonAt(4)])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not list(out.glob(".tmp-*")) and not (out / "model.safetensors").exists()
     weights = load_file(out / "checkpoint-3" / "model.safetensors")
@@ -196,7 +191,7 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
 def test_nan_loss_through_the_cli_is_one_error_line(tmp_path):
     """A learning rate of 1e30 makes the weights overflow after the first update."""
     out = tmp_path / "run"
-    p = _cli(_argv(out, "--learning_rate", "1e30", "--w_bits", "16", steps=4, save=1))
+    p = _cli(train_argv(out, bits=16, steps=4, save_steps=1, learning_rate=1e30))
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 2, stderr
     assert "Traceback" not in stderr + stdout

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURE, REPO, TEXT
+from conftest import REPO, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,8 @@ def test_zero2_trains_and_saves_scales(tmp_path):
     out = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29541",
-           "-m", "paretoq", "train", "--input_model_filename", str(FIXTURE),
-           "--train_data_local_path", str(TEXT / "kjv_train.jsonl"), "--eval_data_local_path", str(TEXT / "kjv_eval.jsonl"),
-           "--w_bits", "2", "--output_dir", str(out), "--model_max_length", "32", "--per_device_train_batch_size", "2",
-           "--max_steps", "2", "--logging_steps", "1", "--save_steps", "2", "--report_to", "none",
-           "--deepspeed", str(REPO / "configs" / "deepspeed_zero2.json"), "--optim", "adamw_torch"]
+           "-m", "paretoq", "train", *train_argv(out, steps=2, deepspeed=REPO / "configs" / "deepspeed_zero2.json",
+                                                 optim="adamw_torch")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
@@ -55,11 +52,10 @@ def test_zero3_refuses_distillation_in_one_line(tmp_path):
     pytest.importorskip("deepspeed", reason="installed by `make test` (extra paretoq[deepspeed])")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     out = tmp_path / "kd"
-    run = subprocess.run([sys.executable, "-m", "paretoq", "train", "--input_model_filename", str(FIXTURE),
-                          "--train_data_local_path", str(TEXT / "kjv_train.jsonl"), "--w_bits", "2", "--output_dir", str(out),
-                          "--model_max_length", "32", "--max_steps", "2", "--report_to", "none",
-                          "--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"), "--kd_weight", "0.5"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    argv = train_argv(out, steps=2, eval_data_local_path=None, deepspeed=REPO / "configs" / "deepspeed_zero3.json",
+                      kd_weight=0.5)
+    run = subprocess.run([sys.executable, "-m", "paretoq", "train", *argv], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == (
         "paretoq train: error: --kd_weight needs a whole FP teacher copy on every rank, which DeepSpeed ZeRO-3 "

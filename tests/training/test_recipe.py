@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
-from conftest import FIXTURE, TEXT, tiny_llama
+from conftest import FIXTURE, tiny_llama, train_argv
 from paretoq import QuantConfig, QuantLinear, quantize_model
 from paretoq.errors import UserError
 from paretoq.training.args import parse_train_args
@@ -21,12 +21,7 @@ from paretoq.training.trainer import QATTrainer
 FIXTURE_LAYERS = 3 * 7  # minicpm4-tiny: 3 decoder layers × 7 projections
 
 
-def _argv(out, bits=2, *extra):
-    return ["--input_model_filename", str(FIXTURE), "--train_data_local_path", str(TEXT / "kjv_train.jsonl"),
-            "--eval_data_local_path", str(TEXT / "kjv_eval.jsonl"), "--w_bits", str(bits), "--output_dir", str(out),
-            "--model_max_length", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
-            "--max_steps", "4", "--save_strategy", "no", "--logging_steps", "1", "--learning_rate", "1e-3",
-            "--seed", "11", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none", *extra]
+NO_SAVE = dict(save_strategy="no")  # most runs here need no checkpoint
 
 
 class _Watch(TrainerCallback):
@@ -61,8 +56,8 @@ def _lrs(out):
 
 def test_qat_start_fraction_switches_at_the_right_step(tmp_path):
     watch = _Watch()
-    argv = _argv(tmp_path / "run", 2, "--qat_start_fraction", "0.5", "--scale_lr_multiplier", "10",
-                 "--lr_scheduler_type", "constant")
+    argv = train_argv(tmp_path / "run", qat_start_fraction=0.5, scale_lr_multiplier=10, lr_scheduler_type="constant",
+                      **NO_SAVE)
     metrics = run_training(parse_train_args(argv), callbacks=[watch])
     assert watch.quantized == [0, 0, FIXTURE_LAYERS, FIXTURE_LAYERS]  # steps 1–2 FP, 3–4 QAT
     assert [n for n, _ in watch.scale_groups] == [0, 0, FIXTURE_LAYERS, FIXTURE_LAYERS]
@@ -81,14 +76,14 @@ def test_qat_start_fraction_switches_at_the_right_step(tmp_path):
 
 def test_schedule_restarts_with_a_fresh_warmup_at_the_qat_start(tmp_path):
     out = tmp_path / "run"
-    run_training(parse_train_args(_argv(out, 3, "--qat_start_fraction", "0.5", "--max_steps", "6",
-                                        "--lr_scheduler_type", "linear", "--warmup_steps", "1")))
+    run_training(parse_train_args(train_argv(out, bits=3, steps=6, qat_start_fraction=0.5, lr_scheduler_type="linear",
+                                             warmup_steps=1, **NO_SAVE)))
     # phase 1 (3 steps): warm-up 1 then linear decay; phase 2 the same again (LR logged before each step)
     assert _lrs(out) == pytest.approx([0.0, 1e-3, 5e-4, 0.0, 1e-3, 5e-4])
     # without an FP phase: exactly transformers' schedule
     out2 = tmp_path / "plain"
-    run_training(parse_train_args(_argv(out2, 3, "--max_steps", "6", "--lr_scheduler_type", "linear",
-                                        "--warmup_steps", "1")))
+    run_training(parse_train_args(train_argv(out2, bits=3, steps=6, lr_scheduler_type="linear", warmup_steps=1,
+                                             **NO_SAVE)))
     assert _lrs(out2) == pytest.approx([0.0, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
 
 
@@ -103,22 +98,22 @@ def test_warmup_fraction_applies_per_phase():
 
 def test_wsd_schedule_runs_through_our_args(tmp_path):
     out = tmp_path / "wsd"
-    run_training(parse_train_args(_argv(out, 4, "--max_steps", "6", "--warmup_steps", "2",
-                                        "--lr_scheduler_type", "warmup_stable_decay",
-                                        "--lr_scheduler_kwargs", '{"num_decay_steps": 2, "decay_type": "linear"}')))
+    run_training(parse_train_args(train_argv(out, bits=4, steps=6, warmup_steps=2,
+                                             lr_scheduler_type="warmup_stable_decay",
+                                             lr_scheduler_kwargs='{"num_decay_steps": 2, "decay_type": "linear"}',
+                                             **NO_SAVE)))
     assert _lrs(out) == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4])
     # no num_decay_steps: 20% of each phase decays (here round(0.2·5) = 1 step per phase)
     out2 = tmp_path / "wsd2"
-    run_training(parse_train_args(_argv(out2, 4, "--max_steps", "10", "--warmup_steps", "1",
-                                        "--qat_start_fraction", "0.5", "--lr_scheduler_type", "warmup_stable_decay")))
+    run_training(parse_train_args(train_argv(out2, bits=4, steps=10, warmup_steps=1, qat_start_fraction=0.5,
+                                             lr_scheduler_type="warmup_stable_decay", **NO_SAVE)))
     lrs = _lrs(out2)
     assert lrs[:5] == pytest.approx([0.0, 1e-3, 1e-3, 1e-3, 1e-3]) and lrs[5:] == pytest.approx(lrs[:5])
 
 
 def test_resume_across_the_qat_start_gives_identical_losses_and_weights(tmp_path):
     def argv(out):
-        return _argv(out, 2, "--qat_start_fraction", "0.5", "--max_steps", "6", "--save_strategy", "steps",
-                     "--save_steps", "2")
+        return train_argv(out, steps=6, qat_start_fraction=0.5, save_steps=2)
 
     run_training(parse_train_args(argv(tmp_path / "straight")))  # QAT starts after step 3
 
@@ -144,23 +139,22 @@ def test_resume_across_the_qat_start_gives_identical_losses_and_weights(tmp_path
 
 def test_fp_checkpoint_resumed_without_an_fp_phase_is_refused(tmp_path):
     out = tmp_path / "run"
-    run_training(parse_train_args(_argv(out, 2, "--qat_start_fraction", "0.5", "--save_strategy", "steps",
-                                        "--save_steps", "1", "--max_steps", "4")))
+    run_training(parse_train_args(train_argv(out, qat_start_fraction=0.5, save_steps=1)))
     import shutil
 
     for name in ("checkpoint-3", "checkpoint-4"):
         shutil.rmtree(out / name, ignore_errors=True)
     with pytest.raises(UserError, match="w_bits=16"):
-        run_training(parse_train_args(_argv(out, 2, "--save_strategy", "steps", "--save_steps", "1")))
+        run_training(parse_train_args(train_argv(out, save_steps=1)))
 
 
 # --- flags --------------------------------------------------------------------------------------
 
 
 def test_scale_init_and_calibration_flags(tmp_path):
-    cfg = parse_train_args(_argv(tmp_path / "a", 2, "--scale_init", "mse_act"))
+    cfg = parse_train_args(train_argv(tmp_path / "a", scale_init="mse_act"))
     assert cfg.quant.scale_init == "mse_act" and cfg.model.calibration_samples == 16
-    assert parse_train_args(_argv(tmp_path / "b", 2)).model.calibration_samples is None
+    assert parse_train_args(train_argv(tmp_path / "b")).model.calibration_samples is None
     for bad, match in ((["--calibration_samples", "0"], "--calibration_samples"),
                        (["--scale_init", "best"], "scale_init 'best' is unknown"),
                        (["--qat_start_fraction", "1"], "--qat_start_fraction"),
@@ -168,17 +162,17 @@ def test_scale_init_and_calibration_flags(tmp_path):
                        (["--kd_teacher_dtype", "fp8"], "--kd_teacher_dtype"),
                        (["--scale_learning_rate", "-1"], "--scale_learning_rate")):
         with pytest.raises(UserError, match=match):
-            parse_train_args(_argv(tmp_path / "c", 2, *bad))
+            parse_train_args(train_argv(tmp_path / "c", *bad))
     with pytest.raises(UserError, match="needs a quantizing --w_bits"):
-        parse_train_args(_argv(tmp_path / "d", 16, "--qat_start_fraction", "0.5"))
+        parse_train_args(train_argv(tmp_path / "d", bits=16, qat_start_fraction=0.5))
 
 
 def test_mse_act_run_and_absolute_scale_lr(tmp_path):
     watch = _Watch()
     out = tmp_path / "run"
-    run_training(parse_train_args(_argv(out, 2, "--scale_init", "mse_act", "--calibration_samples", "4",
-                                        "--scale_learning_rate", "3e-3", "--lr_scheduler_type", "constant",
-                                        "--max_steps", "1")), callbacks=[watch])
+    run_training(parse_train_args(train_argv(out, steps=1, scale_init="mse_act", calibration_samples=4,
+                                             scale_learning_rate=3e-3, lr_scheduler_type="constant", **NO_SAVE)),
+                 callbacks=[watch])
     assert watch.scale_groups == [(FIXTURE_LAYERS, pytest.approx(3e-3))]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["scale_init"] == "mse_act"
     # the run's initial scales are the search result, not the closed form
@@ -250,9 +244,9 @@ def test_kd_gradient_accumulation_is_exact(tmp_path):
     grads = []
     for bs, ga in ((4, 1), (1, 4)):
         watch = _Watch()
-        cfg = parse_train_args(_argv(tmp_path / f"bs{bs}", 3, "--per_device_train_batch_size", str(bs),
-                                     "--gradient_accumulation_steps", str(ga), "--max_steps", "1",
-                                     "--kd_weight", "0.5", "--kd_temperature", "2"))
+        cfg = parse_train_args(train_argv(tmp_path / f"bs{bs}", bits=3, steps=1, per_device_train_batch_size=bs,
+                                          gradient_accumulation_steps=ga, kd_weight=0.5, kd_temperature=2,
+                                          **NO_SAVE))
         run_training(cfg, callbacks=[watch])
         grads.append(watch.grads[0])
     a, b = grads
@@ -279,8 +273,7 @@ def test_kd_pulls_the_student_towards_the_teacher(tmp_path):
 
 def test_resume_with_another_qat_start_is_refused_clearly(tmp_path):
     out = tmp_path / "run"
-    argv = _argv(out, 2, "--qat_start_fraction", "0.25", "--max_steps", "4", "--save_strategy", "steps",
-                 "--save_steps", "2")
+    argv = train_argv(out, qat_start_fraction=0.25)
 
     class StopAt2(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -289,16 +282,15 @@ def test_resume_with_another_qat_start_is_refused_clearly(tmp_path):
 
     run_training(parse_train_args(argv), callbacks=[StopAt2()])  # checkpoint-2 is quantized (switch after 1)
     with pytest.raises(UserError, match="quantized at step 2, before this run's QAT start"):
-        run_training(parse_train_args(_argv(out, 2, "--qat_start_fraction", "0.75", "--max_steps", "4",
-                                            "--save_strategy", "steps", "--save_steps", "2")))
+        run_training(parse_train_args(train_argv(out, qat_start_fraction=0.75)))
 
 
 def test_gptq_init_at_a_mid_run_switch_under_bf16_autocast(tmp_path):
     """At the switch the forward runs under the Trainer's bf16 autocast; the calibration must cope."""
     watch = _Watch()
     out = tmp_path / "run"
-    run_training(parse_train_args(_argv(out, 3, "--qat_start_fraction", "0.5", "--scale_init", "gptq",
-                                        "--calibration_samples", "4", "--bf16", "true")), callbacks=[watch])
+    run_training(parse_train_args(train_argv(out, bits=3, qat_start_fraction=0.5, scale_init="gptq",
+                                             calibration_samples=4, bf16="true", **NO_SAVE)), callbacks=[watch])
     assert watch.quantized == [0, 0, FIXTURE_LAYERS, FIXTURE_LAYERS]
     assert all(math.isfinite(loss) for _, loss in _losses(out))
 
@@ -324,7 +316,7 @@ def test_cpu_training_fuses_the_quantizer_by_default(tmp_path, monkeypatch, capl
     monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
     watch = _QuantizerWatch()
     with caplog.at_level(logging.INFO, logger="paretoq.training.run"):
-        run_training(parse_train_args(_argv(tmp_path / "run", 4, "--max_steps", "2")), callbacks=[watch])
+        run_training(parse_train_args(train_argv(tmp_path / "run", bits=4, steps=2, **NO_SAVE)), callbacks=[watch])
     assert watch.kernels == [["FusedKernels"], ["FusedKernels"]]
     first, second = watch.calls
     assert first["prebuilt"] > 0 and second["prebuilt"] == 2 * first["prebuilt"]
@@ -338,8 +330,8 @@ def test_cpu_training_fuses_the_quantizer_by_default(tmp_path, monkeypatch, capl
 
 def test_layers_quantized_at_a_mid_run_qat_start_get_the_fused_kernels(tmp_path):
     watch = _QuantizerWatch()
-    run_training(parse_train_args(_argv(tmp_path / "run", 2, "--max_steps", "2", "--qat_start_fraction", "0.5",
-                                        "--compile_quantizer", "true")), callbacks=[watch])
+    run_training(parse_train_args(train_argv(tmp_path / "run", steps=2, qat_start_fraction=0.5, compile_quantizer="true",
+                                             **NO_SAVE)), callbacks=[watch])
     assert watch.kernels == [[], ["FusedKernels"]]  # step 1 full precision, step 2 quantized
     assert watch.calls[1]["prebuilt"] > 0 and watch.calls[1]["eager"] == 0
 
@@ -349,8 +341,8 @@ def test_compile_quantizer_trains_like_the_eager_quantizer(tmp_path):
     run closely."""
     eager, fused = tmp_path / "eager", tmp_path / "fused"
     watch = _QuantizerWatch()
-    run_training(parse_train_args(_argv(eager, 2)))
-    run_training(parse_train_args(_argv(fused, 2, "--compile_quantizer", "true")), callbacks=[watch])
+    run_training(parse_train_args(train_argv(eager, **NO_SAVE)))
+    run_training(parse_train_args(train_argv(fused, compile_quantizer="true", **NO_SAVE)), callbacks=[watch])
     assert watch.calls[-1]["prebuilt"] > 0 and watch.calls[-1]["eager"] == 0
     a, b = _losses(eager), _losses(fused)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
