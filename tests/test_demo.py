@@ -123,3 +123,18 @@ def test_the_real_demo_ends_near_the_readme_perplexities(tmp_path):
     assert results["fp_perplexity"] == pytest.approx(24.30, abs=0.01)
     assert results["rtn_perplexity"] == pytest.approx(62.19, rel=5e-3)
     assert results["qat_perplexity"] == pytest.approx(26.67, rel=5e-3)
+
+
+def test_demo_prepare_writes_only_the_model_and_the_text(tmp_path, monkeypatch, capsys):
+    """`paretoq demo --prepare` (the README's quick start): the two assets, their paths printed, nothing run."""
+    from paretoq import demo
+
+    made = []
+    monkeypatch.setattr(demo, "smollm2_folder", lambda cache: made.append(("model", cache)) or FIXTURE)
+    monkeypatch.setattr(demo, "kjv_demo_files", lambda folder: made.append(("text", folder)) or (TRAIN, EVAL))
+    out = tmp_path / "demo_output"
+    assert cli(["demo", "--prepare", "--output_dir", str(out)]) == 0
+    assert made == [("model", out / "cache"), ("text", out / "cache" / "data")]
+    printed = capsys.readouterr().out
+    assert f"model: {FIXTURE}" in printed and "[2/5]" not in printed
+    assert not (out / "demo_results.json").exists()

@@ -53,13 +53,16 @@ def _eval_ppl(model, eval_ds, workdir: str, bf16: bool) -> float:
 
 
 def run_demo(output_dir: str = "demo_output", max_steps: int = DEMO_DEFAULTS["max_steps"],
-             w_bits: str = DEMO_DEFAULTS["w_bits"]) -> dict:
+             w_bits: str = DEMO_DEFAULTS["w_bits"], prepare_only: bool = False) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir)
     cache = out / "cache"
     print(f"[1/5] preparing SmolLM2-135M and KJV text in {cache} (first run converts the packaged GGUF) ...", flush=True)
     model_dir = smollm2_folder(cache)
     train_file, eval_file = kjv_demo_files(cache / "data")
+    if prepare_only:
+        print(f"      model: {model_dir}\n      text:  {train_file}, {eval_file}", flush=True)
+        return {"model_dir": str(model_dir), "train_file": str(train_file), "eval_file": str(eval_file)}
     tokenizer = load_tokenizer(model_dir)
     bf16 = bf16_is_native()  # bf16 autocast compute where it is fast, fp32 master weights either way
     print(f"      compute: {'bf16 autocast' if bf16 else 'fp32 (no native bf16 arithmetic here)'}",

@@ -12,6 +12,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--max_steps", type=int, default=DEMO_DEFAULTS["max_steps"])
     p.add_argument("--w_bits", default=DEMO_DEFAULTS["w_bits"])
+    p.add_argument("--prepare", action="store_true",
+                   help="only convert SmolLM2-135M and write the KJV text into <output_dir>/cache, then stop")
     args = p.parse_args(argv)
-    run_demo(args.output_dir, max_steps=args.max_steps, w_bits=args.w_bits)
+    run_demo(args.output_dir, max_steps=args.max_steps, w_bits=args.w_bits, prepare_only=args.prepare)
     return 0
