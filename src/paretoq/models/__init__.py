@@ -65,18 +65,10 @@ def register_model_classes() -> None:
         auto.register(MiniCPMConfig, DeferredModelClass(name), exist_ok=True)
 
 
-def register_minicpm() -> None:
-    """Register model_type "minicpm" with AutoConfig / AutoModel / AutoModelForCausalLM now; idempotent
-    (``import paretoq`` does it as transformers loads: ``paretoq.registration``)."""
-    register_config()
-    register_model_classes()
-
-
 def __getattr__(name):
     if name in MODEL_CLASSES:
         return getattr(importlib.import_module("paretoq.models.minicpm"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "register_config", "register_model_classes",
-           "register_minicpm"]
+__all__ = ["MiniCPMConfig", "MiniCPMModel", "MiniCPMForCausalLM", "register_config", "register_model_classes"]
