@@ -5,8 +5,10 @@ is, e.g. ``pytest -m gpu``. What they hold:
 
 - the eager quantizer on the GPU gives the CPU's Ŵ and ∂L/∂W bit for bit and ∂L/∂α to summation
   order (every scheme, per row and per group, fp32 and bf16 Ŵ);
-- the fused kernels on the GPU (Triton, through ``torch.compile``: ``--compile_quantizer true``) give
-  the eager quantizer's Ŵ and ∂L/∂W there, but for the rare value Triton's division rounds otherwise;
+- the fused kernels on the GPU (the hand-written Triton kernels, the GPU default) give the eager
+  quantizer's Ŵ and ∂L/∂W bit for bit, fp32 and bf16 weights, and their controls (a reciprocal
+  division, rounding half away) do not; ``torch.compile``'s kernels do but for the rare value its
+  division rounds otherwise;
 - the tiny MiniCPM4 fixture, quantized at every bit width on the GPU, meets the official code's
   logits, loss and gradients (within the CPU tests' former tolerances: ``GPU_MINICPM_TOLERANCES``);
 - ``paretoq train`` on the GPU logs the CPU run's losses (fp32), and trains under bf16 autocast
@@ -97,8 +99,64 @@ def _assert_nearly_same(got, expected, scheme, a):
 
 
 @pytest.mark.parametrize("bits", sorted(SCHEMES))
-def test_fused_quantizer_on_gpu_matches_eager(bits):
-    kernels = FusedKernels()  # off the CPU: torch.compile
+def test_fused_quantizer_on_gpu_is_bit_exact(bits):
+    """The GPU default (``FusedKernels()`` on CUDA tensors: the Triton kernels of
+    ``paretoq.quant.triton_kernels``): Ŵ and ∂L/∂W bit for bit, ∂L/∂α to summation order, on a
+    shape that is no multiple of the kernels' blocks and on a 4096×1024 weight (4 million values,
+    where ``torch.compile``'s division put 2 Ŵ values on another level: the test below)."""
+    kernels = FusedKernels()
+    for shape in ((384, 512), (200, 320), (4096, 1024)):
+        for group in (None, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                w, a, g = _inputs(bits, group, dtype, shape=shape, seed=1)
+                eager = _run(w, a, g, bits, dtype, "cuda")
+                fused = _run(w, a, g, bits, dtype, "cuda", kernels)
+                assert not kernels.failed, "the fused quantizer fell back to eager on the GPU"
+                _assert_same(fused, eager)
+                assert torch.equal(_bits(fused[0]), _bits(eager[0])) and torch.equal(_bits(fused[1]), _bits(eager[1]))
+    assert kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 24}  # 12 cases × forward, backward
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_triton_kernels_on_gpu_bf16_weights_and_controls(bits):
+    """bf16 master weights (read as fp32, ∂L/∂W rounded to bf16 once), and the controls: the kernels
+    with x = W·(1/α̃) instead of W / α̃, on weights set on the clip bound and on rounding ties
+    (W = level·α̃ and (level + ½ step)·α̃), give another Ŵ or ∂L/∂W; rounding half away does too."""
+    from paretoq.quant import triton_kernels
+
+    scheme = SCHEMES[bits]
+    w, a, g = _inputs(bits, None, torch.bfloat16, shape=(512, 768), seed=2)
+    wb = w.bfloat16().cuda()
+    ac, gc = a.cuda(), g.cuda()
+    expected = _run(wb.float().cpu(), a, g, bits, torch.bfloat16, "cpu")
+    assert torch.equal(_bits(triton_kernels.forward(wb, ac, scheme, torch.bfloat16).cpu()), _bits(expected[0]))
+    gw, ga = triton_kernels.backward(wb, ac, scheme, gc)
+    assert gw.dtype == torch.bfloat16 and torch.equal(_bits(gw.cpu()), _bits(expected[1].bfloat16()))
+    torch.testing.assert_close(ga.cpu(), expected[2], rtol=1e-5, atol=1e-5 * float(expected[2].abs().max()))
+    # boundary weights: every x = W/α̃ is (nearly) a level, a tie or the clip bound
+    lv = scheme.levels()
+    edges = torch.cat([lv, (lv[1:] + lv[:-1]) / 2, torch.tensor([scheme.lo, scheme.hi])])
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(4096, 1, generator=gen) * 0.01 + 1e-3
+    w = edges[torch.randint(len(edges), (4096, 1024), generator=gen)] * a
+    nudge = torch.randint(3, w.shape, generator=gen)  # a third one ulp up, a third one ulp down
+    w = torch.where(nudge == 0, w, torch.nextafter(w, torch.where(nudge == 1, float("inf"), -float("inf"))))
+    g = torch.randn(4096, 1024, generator=gen)
+    eager = _run(w, a, g, bits, torch.float32, "cuda")
+    right = (triton_kernels.forward(w.cuda(), a.cuda(), scheme, torch.float32).cpu(),
+             triton_kernels.backward(w.cuda(), a.cuda(), scheme, g.cuda())[0].cpu())
+    assert torch.equal(right[0], eager[0]) and torch.equal(right[1], eager[1])
+    for variant in ({"division": "reciprocal"}, {"rounding": "half_away"}):
+        wrong = (triton_kernels.forward(w.cuda(), a.cuda(), scheme, torch.float32, **variant).cpu(),
+                 triton_kernels.backward(w.cuda(), a.cuda(), scheme, g.cuda(), **variant)[0].cpu())
+        assert not (torch.equal(wrong[0], eager[0]) and torch.equal(wrong[1], eager[1])), variant
+
+
+@pytest.mark.parametrize("bits", sorted(SCHEMES))
+def test_torch_compile_quantizer_on_gpu_is_nearly_eager(bits):
+    """What the Triton kernels replace: ``torch.compile``'s kernels (``FusedKernels(triton=False)``)
+    give the eager values but for the rare one Triton's approximate division puts elsewhere."""
+    kernels = FusedKernels(triton=False)  # off the CPU: torch.compile
     for group in (None, 64):
         for dtype in (torch.float32, torch.bfloat16):
             w, a, g = _inputs(bits, group, dtype, seed=1)
@@ -106,7 +164,12 @@ def test_fused_quantizer_on_gpu_matches_eager(bits):
             fused = _run(w, a, g, bits, dtype, "cuda", kernels)
             assert not kernels.failed, "the fused quantizer fell back to eager on the GPU"
             _assert_nearly_same(fused, eager, SCHEMES[bits], a)
-    assert kernels.calls == {"prebuilt": 0, "compiled": 8, "eager": 0}  # 2 layouts × 2 dtypes × forward, backward
+    assert kernels.calls == {"prebuilt": 0, "compiled": 8, "eager": 0, "triton": 0}  # 2 layouts × 2 dtypes × forward, backward
+
+
+def _bits(t):
+    """The raw bits of a float tensor (±0 and nan payloads told apart)."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 # The tolerances the CPU tests used before they were set from measured errors (tests/conftest.py); an H200

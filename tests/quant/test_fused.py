@@ -64,7 +64,7 @@ def test_fused_matches_eager(bits, group, path, request):
     for shape, dtype in (((48, 64), F32), ((32, 96), BF16)):
         w, a, g = _inputs(shape, bits, group, dtype, int(bits * 100) + (group or 0))
         _assert_same(_grads(w, a, SCHEMES[bits], dtype, g, kernels), _grads(w, a, SCHEMES[bits], dtype, g))
-    assert kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, path: 4}  # 2 shapes × forward, backward
+    assert kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 0, path: 4}  # 2 shapes × forward, backward
 
 
 def test_layers_of_many_shapes_share_one_kernel(fused):
@@ -74,7 +74,7 @@ def test_layers_of_many_shapes_share_one_kernel(fused):
         w, a, g = _inputs((rows, cols), 2, None, BF16, rows + cols)
         _assert_same(_grads(w, a, scheme, BF16, g, fused), _grads(w, a, scheme, BF16, g))
     assert fused.loaded() == [("forward", scheme, BF16, None), ("backward", scheme, BF16, False)]
-    assert fused.calls == {"prebuilt": 2 * len(shapes), "compiled": 0, "eager": 0}
+    assert fused.calls == {"prebuilt": 2 * len(shapes), "compiled": 0, "eager": 0, "triton": 0}
 
 
 def test_rows_longer_than_4096_get_their_own_backward(fused):
@@ -84,7 +84,7 @@ def test_rows_longer_than_4096_get_their_own_backward(fused):
     w, a, g = _inputs((8, 4224), 4, None, BF16, 7)
     _assert_same(_grads(w, a, scheme, BF16, g, fused), _grads(w, a, scheme, BF16, g))
     assert fused.loaded() == [("forward", scheme, BF16, None), ("backward", scheme, BF16, True)]
-    assert fused.calls == {"prebuilt": 2, "compiled": 0, "eager": 0}
+    assert fused.calls == {"prebuilt": 2, "compiled": 0, "eager": 0, "triton": 0}
     jobs = [fused_lib.job(("backward", scheme, BF16, long)) for long in (False, True)]
     assert [j["dims"]["cols"] for j in jobs] == [[2, 4096], [4097, None]]
 
@@ -101,7 +101,7 @@ def test_calls_the_kernels_do_not_take_run_the_eager_math(fused):
     a = init_scale(full, scheme, None).repeat(1, 2)[:, :1]  # (40, 1) with strides (2, 1)
     assert not a.is_contiguous()
     assert torch.equal(quantize_weight(full, a, scheme, BF16, kernels=fused), quantize_weight(full, a, scheme, BF16))
-    assert fused.calls == {"prebuilt": 0, "compiled": 0, "eager": 2 * len(cases) + 1}
+    assert fused.calls == {"prebuilt": 0, "compiled": 0, "eager": 2 * len(cases) + 1, "triton": 0}
     assert fused.loaded() == [] and not fused.failed
 
 
@@ -112,7 +112,7 @@ def test_unregistered_schemes_go_through_torch_compile(fused):
     scheme = replace(SCHEMES[3], name="lsq-variant")
     w, a, g = _inputs((24, 40), 3, None, F32, 3)
     _assert_same(_grads(w, a, scheme, F32, g, fused), _grads(w, a, scheme, F32, g))
-    assert fused.calls == {"prebuilt": 0, "compiled": 2, "eager": 0}
+    assert fused.calls == {"prebuilt": 0, "compiled": 2, "eager": 0, "triton": 0}
 
 
 def test_quant_linear_runs_its_kernels_in_every_quantizer_call(fused):
@@ -131,7 +131,7 @@ def test_quant_linear_runs_its_kernels_in_every_quantizer_call(fused):
         grads.append((y.detach(), layer.weight.grad.clone(), layer.weight_clip_val.grad.clone(), x.grad))
     assert all(torch.equal(grads[0][i], grads[1][i]) for i in (0, 1, 3))
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=2e-6, atol=2e-6 * float(grads[1][2].abs().max()))
-    assert fused.calls == {"prebuilt": 3, "compiled": 0, "eager": 0}
+    assert fused.calls == {"prebuilt": 3, "compiled": 0, "eager": 0, "triton": 0}
     for layer in (fast, eager):
         layer.zero_grad(set_to_none=True)
         set_fake_quant_cache(layer)
@@ -142,7 +142,7 @@ def test_quant_linear_runs_its_kernels_in_every_quantizer_call(fused):
     assert torch.equal(fast.weight.grad, eager.weight.grad)
     torch.testing.assert_close(fast.weight_clip_val.grad, eager.weight_clip_val.grad, rtol=2e-6,
                                atol=2e-6 * float(eager.weight_clip_val.grad.abs().max()))
-    assert fused.calls == {"prebuilt": 5, "compiled": 0, "eager": 0}
+    assert fused.calls == {"prebuilt": 5, "compiled": 0, "eager": 0, "triton": 0}
 
 
 def test_quantize_model_and_set_kernels_choose_per_model(fused):
@@ -182,7 +182,7 @@ def test_a_failure_falls_back_to_eager_once(fused, monkeypatch, caplog):
     w, a, g = _inputs((8, 16), 2, None, F32, 1)
     with caplog.at_level(logging.WARNING, logger="paretoq.quant.fused"):
         got = [_grads(w, a, SCHEMES[2], F32, g, kernels) for _ in range(2)]
-    assert kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 4}
+    assert kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 4, "triton": 0}
     assert [r.getMessage() for r in caplog.records] == [
         "fused quantizer kernels unavailable (BuildError: g++: not found); using the eager quantizer"]
     for fast in got:
@@ -281,7 +281,7 @@ print(json.dumps({"compile_fx": "torch._inductor.compile_fx" in sys.modules, "ca
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-        "compile_fx": False, "calls": {"prebuilt": 2, "compiled": 0, "eager": 0}, "loaded": 2}
+        "compile_fx": False, "calls": {"prebuilt": 2, "compiled": 0, "eager": 0, "triton": 0}, "loaded": 2}
 
 
 @pytest.mark.parametrize("group", [None, 8])
@@ -301,7 +301,7 @@ def test_compiled_layers_of_many_shapes_share_one_compilation(group):
     with torch.compiler.set_stance("fail_on_recompile"):
         for rows, cols in ((64, 48), (96, 32), (40, 200), (200, 40), (128, 128), (56, 88), (72, 24), (24, 72)):
             step(rows, cols)
-    assert not kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 20, "eager": 0}
+    assert not kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 20, "eager": 0, "triton": 0}
 
 
 def test_a_recompile_under_fail_on_recompile_is_caught_by_the_test_above():
@@ -313,7 +313,7 @@ def test_a_recompile_under_fail_on_recompile_is_caught_by_the_test_above():
     with torch.compiler.set_stance("fail_on_recompile"):
         assert torch.equal(quantize_weight(w, a, scheme, torch.float16, kernels=kernels),
                            quantize_weight(w, a, scheme, torch.float16))  # fp16 Ŵ: a new compilation
-    assert kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 1, "eager": 1}
+    assert kernels.failed and kernels.calls == {"prebuilt": 0, "compiled": 1, "eager": 1, "triton": 0}
 
 
 @pytest.mark.parametrize("bits", sorted(SCHEMES))
@@ -342,4 +342,4 @@ def test_inside_a_compiled_caller_the_formulas_are_traced_into_its_graph(fused):
     compiled = torch.compile(lambda x: F.linear(x, layer.quantized_weight()), fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(x), F.linear(x, fake_quantize(layer.weight, layer.weight_clip_val, layer.scheme)))
-    assert fused.calls == {"prebuilt": 0, "compiled": 0, "eager": 0}
+    assert fused.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -89,13 +90,20 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_compile_quantizer_switch(monkeypatch):
-    """auto (the default) fuses the quantizer when training on CPU only; $PARETOQ_COMPILE_QUANTIZER
-    sets the default, the command line overrides it; other spellings of true/false are accepted."""
+    """auto (the default) fuses the quantizer when training on CPU or a CUDA GPU (the Triton kernels);
+    $PARETOQ_COMPILE_QUANTIZER sets the default, the command line overrides it; other spellings of
+    true/false are accepted."""
     monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
     cfg = parse_train_args(BASE)
-    assert cfg.run.compile_quantizer == "auto" and cfg.fused_quantizer is cfg.training.use_cpu
+    assert cfg.run.compile_quantizer == "auto" and cfg.fused_quantizer is (cfg.training.use_cpu or torch.cuda.is_available())
     assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is True
-    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is False  # a GPU run: eager
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is False  # no CUDA GPU (e.g. MPS): eager
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is True  # a CUDA GPU: Triton kernels
+    assert parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "no"]).fused_quantizer is False
+    monkeypatch.undo()
+    monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
     assert parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "yes"]).fused_quantizer is True
     monkeypatch.setenv("PARETOQ_COMPILE_QUANTIZER", "false")
     assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is False

@@ -30,6 +30,14 @@ Where the kernels come from:
   ``functional.py`` and of this module, and the kernel's spec. A kernel is written under a
   temporary name and renamed into place (a killed build leaves nothing half-written); a file that
   does not load is built again, once.
+- CUDA tensors: hand-written Triton kernels (``paretoq.quant.triton_kernels``), which compute
+  every fp32 operation of ``functional.py`` as it does (correctly rounded division, round half to
+  even, no FMA contraction): Ŵ and ∂L/∂W the eager quantizer's bits there too. ``torch.compile``'s
+  Triton code divides with an approximate fp32 division, off by an ulp for a few values
+  (triton-lang/triton#10661), so it is no longer used on GPUs. ``FusedKernels(triton=True)`` runs
+  them for every tensor (CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``: the tests),
+  ``triton=False`` never. Without Triton installed (``pip install paretoq[triton]``), one warning
+  and the eager math.
 - Other devices (and CPU tensors with ``FusedKernels(ahead_of_time=False)``, or with a scheme that
   is not in ``functional.SCHEMES``, which a child could not rebuild): ``torch.compile(fn,
   dynamic=True, fullgraph=True)`` in the process, with a recompile limit wide enough for every
@@ -42,7 +50,8 @@ Where the kernels come from:
 - Failure (no C++ compiler, a PyTorch without AOTInductor, a compile error): one warning, and
   that ``FusedKernels`` object runs the eager math from then on (same numbers).
 
-``FusedKernels.calls`` counts the calls by the path they took ("prebuilt", "compiled", "eager"),
+``FusedKernels.calls`` counts the calls by the path they took ("prebuilt", "compiled", "eager",
+"triton"),
 so callers and tests can see that a kernel actually ran. Use: ``set_kernels(model, "fused")``
 (or ``quantize_model(..., kernels="fused")``) gives every ``QuantLinear`` of a model one shared
 ``FusedKernels``; ``prebuild(schemes, dtype)`` builds and loads what a training run will call
@@ -74,6 +83,7 @@ logger = logging.getLogger(__name__)
 MIN_SIZE = 2  # torch.export specialises sizes 0 and 1: smaller inputs run the eager math
 LONG_ROW = 4096  # the backward's row sum is compiled differently above this many columns
 KERNEL_CHOICES = ("eager", "fused", "auto")
+AUTO_DEVICES = ("cpu", "cuda")  # where "auto" picks the fused kernels: each has kernels bit-exact with the eager math
 
 
 # -- the traced functions (the math itself is functional.py's) ----------------------------------
@@ -293,32 +303,42 @@ def _compile_settings():
 class FusedKernels:
     """The quantizer's forward and backward as fused kernels, for ``functional.fake_quantize(...,
     kernels=...)`` and friends. CPU tensors run the kernels built ahead of time (``ahead_of_time``,
-    default) and other devices ``torch.compile``'s; a call neither takes runs the eager math.
+    default), CUDA tensors the Triton kernels of ``triton_kernels`` (``triton``: None = for CUDA
+    tensors, True = for every tensor, CPU ones in Triton's interpreter, False = never) and other
+    devices ``torch.compile``'s; a call none takes runs the eager math.
 
     After a failure (one warning) the object runs the eager math. ``calls`` counts calls by path:
-    "prebuilt", "compiled", "eager". Callers run it with autograd off (``FakeQuantize``, the
-    no-grad public functions)."""
+    "prebuilt", "compiled", "eager", "triton". Callers run it with autograd off (``FakeQuantize``,
+    the no-grad public functions)."""
 
-    def __init__(self, ahead_of_time: bool = True):
+    def __init__(self, ahead_of_time: bool = True, triton: bool | None = None):
         self.ahead_of_time = ahead_of_time
+        self.triton = triton
         self.failed = False
-        self.calls = {"prebuilt": 0, "compiled": 0, "eager": 0}
+        self.calls = {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 0}
         self._runners: dict[tuple, object] = {}  # key → loaded kernel
         self._grad_scales: dict[tuple, torch.Tensor] = {}  # (numel, grad_qp, device) → s_g as a 0-d tensor
 
     def __repr__(self) -> str:
         state = "failed: eager math" if self.failed else "ahead of time on CPU" if self.ahead_of_time else "torch.compile"
-        return f"FusedKernels({state}, calls={self.calls})"
+        return f"FusedKernels({state}, triton={self.triton}, calls={self.calls})"
 
     def __deepcopy__(self, memo):  # a copied model shares its kernels (they hold no model state)
         return self
 
     def __reduce__(self):  # a pickled model gets fresh ones
-        return (FusedKernels, (self.ahead_of_time,))
+        return (FusedKernels, (self.ahead_of_time, self.triton))
 
     # -- calls -------------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor, scale: torch.Tensor, scheme, dtype: torch.dtype) -> torch.Tensor:
         """Ŵ in ``dtype``, as ``functional.quantize_weight``."""
+        if self._uses_triton(weight, scale, scheme, dtype=dtype):
+            try:
+                out = _triton().forward(weight, scale, scheme, dtype)
+                self.calls["triton"] += 1
+                return out
+            except Exception as e:  # noqa: BLE001 -- no Triton, a compile error: the eager math, same numbers
+                self._fallback(e)
         w, a = _rows(weight, scale)
         path = self._path(w, a, scheme)
         try:
@@ -339,6 +359,13 @@ class FusedKernels:
 
     def backward(self, weight, scale, scheme, grad, weight_grad: bool = True, scale_grad: bool = True):
         """(∂L/∂W, ∂L/∂α) from g = ∂L/∂Ŵ, as ``functional.quantize_backward``; None where not asked for."""
+        if self._uses_triton(weight, scale, scheme, grad=grad):
+            try:
+                out = _triton().backward(weight, scale, scheme, grad, weight_grad, scale_grad)
+                self.calls["triton"] += 1
+                return out
+            except Exception as e:  # noqa: BLE001
+                self._fallback(e)
         w, a = _rows(weight, scale)
         path = self._path(w, a, scheme)
         try:
@@ -363,6 +390,15 @@ class FusedKernels:
             self.calls[path] += 1
         return (None if not weight_grad else gw if gw.shape == weight.shape else gw.view(weight.shape),
                 None if not scale_grad else ga if ga.shape == scale.shape else ga.view(scale.shape))
+
+    def _uses_triton(self, weight, scale, scheme, grad=None, dtype=None) -> bool:
+        """Whether a call goes to the Triton kernels: CUDA tensors (any with ``triton=True``) the
+        kernels take (``triton_kernels.supports``), outside a caller's ``torch.compile``."""
+        if self.failed or self.triton is False or torch.compiler.is_compiling():
+            return False
+        if not (self.triton or weight.device.type == "cuda"):
+            return False
+        return _triton_supports(weight, scale, scheme, grad, dtype)
 
     def _path(self, w: torch.Tensor, a: torch.Tensor, scheme) -> str:
         """Which way a call goes: "traced" (inside a caller's ``torch.compile``: the plain formulas,
@@ -413,6 +449,25 @@ class FusedKernels:
         self.failed = True
 
 
+def _triton():
+    """``paretoq.quant.triton_kernels`` (imports Triton: only when a call goes there)."""
+    from paretoq.quant import triton_kernels
+
+    return triton_kernels
+
+
+def _triton_supports(weight, scale, scheme, grad, dtype) -> bool:
+    """``triton_kernels.supports`` without importing Triton for a call it would refuse anyway; True
+    when Triton is missing, so that the call fails once (a warning) and runs the eager math."""
+    if weight.dtype not in (torch.float32, torch.bfloat16) or scale.dtype != torch.float32:
+        return False
+    try:
+        kernels = _triton()
+    except ImportError:
+        return True
+    return kernels.supports(weight, scale, scheme, grad, dtype)
+
+
 def _takes(w: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether a kernel built ahead of time takes these rows: fp32, contiguous, sizes ≥ 2."""
     return (w.dtype == _F32 and a.dtype == _F32 and w.shape[0] >= MIN_SIZE and w.shape[1] >= MIN_SIZE
@@ -442,8 +497,9 @@ def set_kernels(model, kernels="fused"):
     """Choose the quantizer of every ``QuantLinear`` in ``model`` (a module, or an iterable of
     ``QuantLinear`` layers): ``"eager"`` (``functional.py``'s math), ``"fused"`` (one
     ``FusedKernels`` shared by the layers; on CPU the kernels are built ahead of time, once per
-    machine, at their first call or by ``prebuild``), ``"auto"`` (fused for layers whose weights
-    are on the CPU, eager elsewhere: what ``paretoq train --compile_quantizer auto`` does), or a
+    machine, at their first call or by ``prebuild``; on CUDA the Triton kernels), ``"auto"`` (fused
+    for layers whose weights are on the CPU or a CUDA GPU, eager elsewhere: what ``paretoq train
+    --compile_quantizer auto`` does), or a
     ``FusedKernels`` (None = eager). Same Ŵ and ∂L/∂W bits either way, ∂L/∂α to summation order.
     Returns the ``FusedKernels`` the layers got, or None."""
     from paretoq.quant.linear import QuantLinear
@@ -460,7 +516,7 @@ def set_kernels(model, kernels="fused"):
     used = None
     for m in layers:
         if isinstance(m, QuantLinear):
-            m.kernels = None if kernels == "auto" and m.weight.device.type != "cpu" else chosen
+            m.kernels = None if kernels == "auto" and m.weight.device.type not in AUTO_DEVICES else chosen
             used = used or m.kernels
     return used
 

@@ -75,10 +75,10 @@ class RunArguments:
                                                           "(re-running the same command does so too)"})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/logs)"})
     compile_quantizer: str = field(default="auto", metadata={
-        "help": "fused quantizer kernels (Inductor): auto (on when training on CPU; default from "
+        "help": "fused quantizer kernels: auto (on when training on CPU or a CUDA GPU; default from "
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
-                "faster steps; on CPU built once per machine into ~/.cache/paretoq/kernels "
-                "($PARETOQ_KERNEL_CACHE); paretoq/quant/fused.py)"})
+                "faster steps; on CPU built by Inductor once per machine into ~/.cache/paretoq/kernels "
+                "($PARETOQ_KERNEL_CACHE), on GPU hand-written Triton kernels; paretoq/quant/fused.py)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
@@ -123,10 +123,12 @@ class TrainConfig:
     def fused_quantizer(self) -> bool:
         """Whether ``--compile_quantizer`` (validated: auto | true | false) turns the fused kernels on.
 
-        auto = on where they are verified bit for bit against the eager quantizer: CPU training.
-        Off on GPUs unless asked for: Triton's fp32 ``/`` may round differently from PyTorch's
-        (triton-lang/triton#10661), so Ŵ is not guaranteed to keep the reference's bits there."""
-        return self.run.compile_quantizer == "true" or (self.run.compile_quantizer == "auto" and self.training.use_cpu)
+        auto = on where they are verified bit for bit against the eager quantizer: CPU training (the
+        kernels built ahead of time) and CUDA GPUs (the hand-written Triton kernels of
+        ``paretoq.quant.triton_kernels``, correctly rounded division: tests/quant/test_triton_kernels.py
+        in Triton's interpreter, tests/test_cuda.py on a GPU)."""
+        return self.run.compile_quantizer == "true" or (
+            self.run.compile_quantizer == "auto" and (self.training.use_cpu or torch.cuda.is_available()))
 
     @property
     def final_model_dir(self) -> str:
