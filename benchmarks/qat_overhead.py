@@ -4,11 +4,12 @@ One Llama-architecture model per (shape, quantization): the same model and AdamW
 rotating order in each mode, so every ratio compares steps taken a few seconds apart:
 
 - ``fp``     — plain ``F.linear(x, W)`` in every quantized layer (what ``nn.Linear`` does);
-- ``ours``   — what ``paretoq train`` does by default on CPU: ``QuantLinear`` with the fused
-  quantizer kernels (``--compile_quantizer auto``; compiled during warm-up), and Ŵ computed once
+- ``ours``   — what ``paretoq train`` does by default: ``QuantLinear`` with the fused quantizer
+  kernels (``--compile_quantizer auto``: built ahead of time on CPU, during warm-up; the Triton
+  kernels of ``paretoq.quant.triton_kernels`` on CUDA — the calls per path are printed), and Ŵ computed once
   per optimizer step (the fake-quant cache) where ``QATTrainer`` turns that on: GA > 1 or
   activation checkpointing;
-- ``eager``  — the same with ``--compile_quantizer false`` (the eager quantizer; the GPU default);
+- ``eager``  — the same with ``--compile_quantizer false`` (the eager quantizer);
 - ``ours_nocache`` / ``eager_nocache`` — the two without the fake-quant cache (Ŵ every forward);
 - ``cast``   — a stand-in for the quantizer that only casts, W → bf16 forward and ∂L/∂Ŵ → fp32 backward
   (∂L/∂α = 0), through an ``autograd.Function`` as ``ours`` does: the scales' bookkeeping (one
@@ -20,9 +21,10 @@ rotating order in each mode, so every ratio compares steps taken a few seconds a
   in the reference's ``QuantizeLinear.forward``; for group scales the weight is viewed as
   (m·G, g) rows, which is the same math.
 
-Shapes: ``60m`` (hidden 512, 8 layers, intermediate 1408 — 11·128, so group 128 divides it —, vocab 32000: 59M parameters) and
+Shapes: ``60m`` (hidden 512, 8 layers, intermediate 1408 — 11·128, so group 128 divides it —, vocab 32000: 59M parameters),
 ``smollm2`` (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, intermediate 1536, vocab 49152,
-tied), random weights. A step = forward/backward of ``--ga`` micro-batches, (flush), AdamW step,
+tied), ``minicpm4-0.5b`` (MiniCPM4-0.5B's matrices in a Llama: hidden 1024, 24 layers, 16/2 heads,
+intermediate 4096, vocab 73448, tied; for GPUs) and ``tiny`` (dry runs), random weights. A step = forward/backward of ``--ga`` micro-batches, (flush), AdamW step,
 zero_grad — the Trainer's sequence, with the AdamW ``paretoq train`` gets: transformers' default
 ``adamw_torch_fused`` on torch ≥ 2.8 (``--adamw for-loop``, PyTorch's own default on CPU, runs
 ~12 small ops per parameter tensor: it takes ~0.33 s longer per 60M step and charges QAT
@@ -57,6 +59,7 @@ blocks (no ``mmap``, no trimming), so that no step faults at all (``keep_heap``)
     python benchmarks/qat_overhead.py                                  # 60m, full matrix
     python benchmarks/qat_overhead.py --model smollm2 --precision bf16 --quant 2:row,4:64  # 576 = 9·64
     python benchmarks/qat_overhead.py --batch 1x256 --ga 8 --modes fp,ours,eager,ours_nocache,ref
+    python benchmarks/qat_overhead.py --device cuda --model minicpm4-0.5b --batch 1x2048,4x2048 --precision bf16 --quant 2:row,4:128 --modes fp,ours,eager --steps 21 --warmup 3  # GPU (gpu_check.py)
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --parts
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 41 --processes
     python benchmarks/qat_overhead.py --batch 4x512 --precision bf16 --quant 2:row --modes fp,ours --steps 21 --timeslice
@@ -83,6 +86,12 @@ SHAPES = {
                 num_attention_heads=8, num_key_value_heads=8),
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # MiniCPM4-0.5B's shapes (SPEC §3) in a Llama: the same matrices; MiniCPM's scalar multipliers
+    # (embedding, residual, logits) are a few elementwise ops, left out
+    "minicpm4-0.5b": dict(vocab_size=73448, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                          num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # dry runs
+                 num_attention_heads=4, num_key_value_heads=2),
 }
 MODES = ("fp", "ours", "eager", "ours_nocache", "eager_nocache", "cast", "ref", "fp2")
 PLAIN = ("fp", "fp2")  # modes that train the model as it is
@@ -97,7 +106,11 @@ def build_model(shape: str, bits: float | None, group_size: int | None, seed: in
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(max_position_embeddings=2048, **SHAPES[shape])
-    model = LlamaForCausalLM(cfg).train().to(device)
+    if device == "cpu":
+        model = LlamaForCausalLM(cfg).train()
+    else:  # initialised where it trains (a 0.5B model's CPU init takes longer than its benchmark)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).train()
     if bits is not None:
         quantize_model(model, QuantConfig(w_bits=bits, group_size=group_size))
     return model
@@ -254,6 +267,8 @@ def measure(shape, bits, group_size, batch, bf16, ga, modes, steps, warmup, chec
     extra = {m: quantizer_parts(model, switch, m) for m in modes if parts and bf16 and m in ("ours", "eager")}
     if cuda:
         extra["peak"] = peak
+    if getattr(switch, "fused", None) is not None:  # which way the fused quantizer's calls went
+        extra["calls"] = dict(switch.fused.calls)
     del model, opt
     return (*summarise(wall, cpu), extra)
 
@@ -503,6 +518,9 @@ def main(argv=None):
                         peak = extra["peak"]
                         cells.append(f"{peak['fp'] / 2**20:.0f} MiB; "
                                      + ", ".join(f"{peak[m] / peak['fp']:.3f}" for m in modes[1:]))
+                    if "calls" in extra:
+                        print(f"  fused quantizer calls by path ({shape}, {batch}, {precision}, {bits} bit, "
+                              f"{'row' if group is None else f'g{group}'}): {extra['calls']}", flush=True)
                     line = (f"| {shape} | {batch} | {args.ga} | {precision} | {bits} bit, "
                             f"{'row' if group is None else f'g{group}'} | {fw:.3f} s / {fc:.3f} s | "
                             + " | ".join(cells) + " |")

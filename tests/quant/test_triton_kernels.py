@@ -265,3 +265,22 @@ def test_calls_the_kernels_do_not_take_stay_off_triton():
     assert torch.equal(quantize_weight(w.half(), a, SCHEMES[4], F16, kernels=kernels),
                        quantize_weight(w.half(), a, SCHEMES[4], F16))
     assert kernels.calls["triton"] == 0 and not kernels.failed
+
+
+def test_triton_is_imported_only_when_a_call_goes_there():
+    """Triton is an optional dependency and its import takes time: ``paretoq.quant`` does not import
+    it, and a fused call on CPU tensors does not import the Triton kernels (a one-row weight: the
+    eager math, nothing to build)."""
+    code = ("import sys, torch, paretoq.quant\n"
+            "from paretoq.quant.functional import SCHEMES, fake_quantize, init_scale\n"
+            "from paretoq.quant.fused import FusedKernels\n"
+            "print('triton' in sys.modules)\n"
+            "w = torch.randn(1, 16, requires_grad=True)\n"
+            "a = init_scale(w.detach(), SCHEMES[2], None).requires_grad_()\n"
+            "kernels = FusedKernels()\n"
+            "fake_quantize(w, a, SCHEMES[2], torch.float32, kernels).sum().backward()\n"
+            "print('paretoq.quant.triton_kernels' in sys.modules, kernels.calls['eager'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "2"]

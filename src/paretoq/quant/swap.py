@@ -66,8 +66,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     ``kernels`` chooses the quantizer the new layers run (``paretoq.quant.set_kernels`` switches
     them, or a model quantized earlier, later): "eager" (default: nothing is compiled), "fused" (fused
     kernels: on CPU built ahead of time in child processes at their first call, once per machine,
-    and cached on disk; ``torch.compile`` on other devices) or "auto" (fused for CPU weights, eager
-    elsewhere — what ``paretoq train`` uses, ``--compile_quantizer auto``). Same Ŵ and ∂L/∂W bits
+    and cached on disk; hand-written Triton kernels on CUDA; ``torch.compile`` on other devices) or
+    "auto" (fused for CPU and CUDA weights, eager elsewhere — what ``paretoq train`` uses,
+    ``--compile_quantizer auto``). Same Ŵ and ∂L/∂W bits
     either way, ∂L/∂α to summation order.
     """
     report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
