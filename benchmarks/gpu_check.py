@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,20 +59,24 @@ def parts(out: Path, dry_run: bool) -> list[tuple[str, int, list[str]]]:
     pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
     return [
         ("env", 60, [PY, "-c", env_code]),
-        ("triton-tests", 120, [*pytest, "tests/test_cuda.py", "tests/quant/test_triton_kernels.py", "-k", TRITON_TESTS,
+        ("triton-tests", 150, [*pytest, "tests/test_cuda.py", "tests/quant/test_triton_kernels.py", "-k", TRITON_TESTS,
                                f"--junitxml={out / 'triton-tests.xml'}"]),
-        ("qat-overhead", 150, [PY, "benchmarks/qat_overhead.py", *overhead]),
-        ("scale", 200, [PY, "benchmarks/scale.py", *scale, "--out", str(out / "scale")]),
-        ("gpu-tests", 120, [*pytest, "-m", "gpu", "tests/test_cuda.py", "-k", f"not ({TRITON_TESTS})",
+        ("qat-overhead", 120, [PY, "benchmarks/qat_overhead.py", *overhead]),
+        ("scale", 180, [PY, "benchmarks/scale.py", *scale, "--out", str(out / "scale")]),
+        ("gpu-tests", 100, [*pytest, "-m", "gpu", "tests/test_cuda.py", "-k", f"not ({TRITON_TESTS})",
                             f"--junitxml={out / 'gpu-tests.xml'}"]),
     ]
 
 
-def tables(log: str) -> str:
-    """The markdown table lines and the lines about kernel paths a part printed."""
-    keep = [line for line in log.splitlines() if line.startswith("|") or "calls by path" in line
-            or line.startswith(("passed", "failed")) or " passed" in line or " failed" in line or "error" in line.lower()]
-    return "\n".join(keep[-80:])
+def tables(name: str, log: str) -> str:
+    """What a part printed that the summary keeps: all of ``env``; else markdown table lines, the
+    kernel paths, pytest's outcome lines and errors."""
+    lines = log.splitlines()[1:]  # after the command
+    if name != "env":
+        lines = [line for line in lines if line.startswith("|") or "calls by path" in line
+                 or re.search(r"\d+ (passed|failed|skipped|deselected|errors?)\b", line)
+                 or line.startswith(("FAILED", "ERROR")) or "Error" in line]
+    return "\n".join(lines[-80:])
 
 
 def run_part(name: str, limit: int, cmd: list[str], out: Path, env: dict) -> tuple[str, float]:
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         failed |= status not in ("ok",)
         print(f"{name}: {status} ({seconds:.0f} s)", flush=True)
         summary += [f"## {name}: {status}, {seconds:.0f} s", "", "    " + " ".join(cmd), "",
-                    tables((out / f"{name}.log").read_text()), ""]
+                    tables(name, (out / f"{name}.log").read_text()), ""]
         (out / "summary.md").write_text("\n".join(summary) + "\n")
     summary.append(f"total {time.perf_counter() - started:.0f} s")
     (out / "summary.md").write_text("\n".join(summary) + "\n")

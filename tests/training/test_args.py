@@ -97,13 +97,14 @@ def test_compile_quantizer_switch(monkeypatch):
     cfg = parse_train_args(BASE)
     assert cfg.run.compile_quantizer == "auto" and cfg.fused_quantizer is (cfg.training.use_cpu or torch.cuda.is_available())
     assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is True
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is False  # no CUDA GPU (e.g. MPS): eager
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert parse_train_args(BASE + ["--use_cpu", "false"]).fused_quantizer is True  # a CUDA GPU: Triton kernels
-    assert parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "no"]).fused_quantizer is False
-    monkeypatch.undo()
-    monkeypatch.delenv("PARETOQ_COMPILE_QUANTIZER", raising=False)
+    off_cpu = parse_train_args(BASE + ["--use_cpu", "false"])
+    refused = parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "no"])
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert off_cpu.fused_quantizer is False  # neither CPU nor a CUDA GPU (e.g. MPS): eager
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert off_cpu.fused_quantizer is True  # a CUDA GPU: the Triton kernels
+        assert refused.fused_quantizer is False
     assert parse_train_args(BASE + ["--use_cpu", "false", "--compile_quantizer", "yes"]).fused_quantizer is True
     monkeypatch.setenv("PARETOQ_COMPILE_QUANTIZER", "false")
     assert parse_train_args(BASE + ["--use_cpu", "true"]).fused_quantizer is False

@@ -119,7 +119,7 @@ def _quantize(c, w, KIND: tl.constexpr, K: tl.constexpr, SIGMA: tl.constexpr, HA
         return _round_half_even(c, HALF_AWAY)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one compilation for every row count (cols: aligned loads)
 def _forward_kernel(w_ptr, a_ptr, out_ptr, rows, cols,
                     KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, K: tl.constexpr, SIGMA: tl.constexpr,
                     EPS: tl.constexpr, DIV: tl.constexpr, HALF_AWAY: tl.constexpr, OUT_BF16: tl.constexpr,
@@ -139,7 +139,7 @@ def _forward_kernel(w_ptr, a_ptr, out_ptr, rows, cols,
     _store(out_ptr, offs, q * a, ok, OUT_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _backward_kernel(w_ptr, a_ptr, g_ptr, gw_ptr, ga_ptr, rows, cols, s_g,
                      KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, K: tl.constexpr, SIGMA: tl.constexpr,
                      SAT: tl.constexpr, TERNARY: tl.constexpr, EPS: tl.constexpr, DIV: tl.constexpr,
