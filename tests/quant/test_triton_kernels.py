@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -284,3 +285,50 @@ def test_triton_is_imported_only_when_a_call_goes_there():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False", "2"]
+
+
+def _ptx(kernel: str, bits, fusion: bool = False, division: str = "rn") -> str:
+    """The PTX Triton makes of a kernel for an H100 (sm_90), compiled here without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from paretoq.quant import triton_kernels
+
+    fn = getattr(triton_kernels, f"_{kernel}_kernel")
+    consts = {**triton_kernels._constants(SCHEMES[bits]), "DIV": triton_kernels.DIVISION[division], "HALF_AWAY": 0,
+              "BLOCK_R": 2, "BLOCK_C": 1024}
+    if kernel == "forward":
+        del consts["SAT"], consts["TERNARY"]
+        consts["OUT_BF16"] = True
+        types = {"w_ptr": "*fp32", "a_ptr": "*fp32", "out_ptr": "*i16", "rows": "i32", "cols": "i32"}
+    else:
+        consts.update(WEIGHT_GRAD=True, SCALE_GRAD=True, GW_BF16=False)
+        types = {"w_ptr": "*fp32", "a_ptr": "*fp32", "g_ptr": "*bf16", "gw_ptr": "*fp32", "ga_ptr": "*fp32",
+                 "rows": "i32", "cols": "i32", "s_g": "fp32"}
+    signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    constexprs = {(i,): consts[n] for i, n in enumerate(fn.arg_names) if n in consts}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": fusion})
+    return compiled.asm["ptx"]
+
+
+def _fp32_ops(ptx: str) -> set[str]:
+    return {op for op in re.findall(r"^\s*(?:@%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)\s", ptx, re.M) if "f32" in op}
+
+
+@pytest.mark.parametrize("bits", [1.58, 2, 4])
+def test_gpu_code_rounds_every_operation_as_written(bits):
+    """What the interpreter cannot see: the code a GPU runs. Compiled for an H100 here (Triton's own
+    ptxas, no GPU), the kernels' fp32 arithmetic is IEEE round-to-nearest, one rounding per operation
+    as in PyTorch: add/sub/mul/div all ``.rn``, no fused multiply–add, no approximate division or
+    reciprocal. Controls: the reciprocal variant compiles to an approximate reciprocal or division,
+    and with FMA contraction allowed (Triton's default) the multiply–adds fuse."""
+    for kernel in ("forward", "backward"):
+        ops = _fp32_ops(_ptx(kernel, bits))
+        arithmetic = {op for op in ops if op.split(".")[0] in ("add", "sub", "mul", "div", "fma", "rcp", "sqrt")}
+        assert "div.rn.f32" in arithmetic and arithmetic <= {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32"}, (
+            kernel, sorted(arithmetic))
+    reciprocal = _fp32_ops(_ptx("forward", bits, division="reciprocal"))
+    assert any(op.startswith(("rcp.approx", "div.full", "div.approx")) for op in reciprocal), sorted(reciprocal)
+    assert any(op.startswith("fma") for op in _fp32_ops(_ptx("backward", bits, fusion=True)))

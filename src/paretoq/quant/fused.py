@@ -403,11 +403,14 @@ class FusedKernels:
     def _path(self, w: torch.Tensor, a: torch.Tensor, scheme) -> str:
         """Which way a call goes: "traced" (inside a caller's ``torch.compile``: the plain formulas,
         traced into its graph), "prebuilt" (a CPU kernel built ahead of time), "compiled"
-        (``torch.compile``) or "eager" (after a failure, or rows no kernel built ahead takes)."""
+        (``torch.compile``) or "eager" (after a failure, rows no kernel built ahead takes, or CUDA
+        tensors the Triton kernels do not take). The "triton" path is chosen before (``_uses_triton``)."""
         if torch.compiler.is_compiling():
             return "traced"
         if self.failed:
             return "eager"
+        if w.device.type == "cuda" and self.triton is not False:
+            return "eager"  # a call the Triton kernels do not take (torch.compile's division is approximate there)
         if w.device.type != "cpu" or not self.ahead_of_time or not _registered(scheme):
             return "compiled"
         return "prebuilt" if _takes(w, a) else "eager"
