@@ -117,6 +117,24 @@ def test_fused_quantizer_on_gpu_is_bit_exact(bits):
     assert kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 24}  # 12 cases × forward, backward
 
 
+def test_auto_picks_the_triton_kernels_for_cuda_layers():
+    """``kernels="auto"`` (``paretoq train``'s default) on a model on the GPU: every quantized layer
+    gets the fused kernels, and its calls go the Triton way."""
+    from torch import nn
+
+    from paretoq import QuantConfig, quantize_model
+    from paretoq.quant import QuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).cuda()
+    quantize_model(model, QuantConfig(w_bits=4, group_size=32, include=[r"^\d+$"]), kernels="auto")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 and all(isinstance(m.kernels, FusedKernels) for m in layers)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randn(8, 64, device="cuda")).float().square().sum().backward()
+    assert layers[0].kernels.calls == {"prebuilt": 0, "compiled": 0, "eager": 0, "triton": 4}
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_triton_kernels_on_gpu_bf16_weights_and_controls(bits):
     """bf16 master weights (read as fp32, ∂L/∂W rounded to bf16 once), and the controls: the kernels
@@ -210,7 +228,7 @@ def test_train_on_gpu_logs_the_cpu_losses(tmp_path):
 
 def test_train_on_gpu_bf16_fused_with_accumulation(tmp_path):
     fp32, _ = _train(tmp_path / "fp32", "--compile_quantizer", "false")
-    bf16, results = _train(tmp_path / "bf16", "--bf16", "true", "--compile_quantizer", "true",
+    bf16, results = _train(tmp_path / "bf16", "--bf16", "true", "--compile_quantizer", "auto",  # the Triton kernels
                            "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1")
     assert len(bf16) == 6 and all(map(torch.isfinite, map(torch.tensor, bf16)))
     # the same two sequences per step, as one batch of 2 in fp32 or two micro-batches of 1 under bf16 autocast
