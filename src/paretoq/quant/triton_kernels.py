@@ -19,7 +19,8 @@ products in another order:
 - kernels are launched with ``enable_fp_fusion=False``: no multiply–add is contracted into an FMA
   (which rounds once where PyTorch rounds twice), so each product rounds as written;
 - bf16 or fp16 values (Ŵ out, g in, a bf16 weight in or its gradient out) are converted as
-  PyTorch converts them: exactly up to fp32, round to nearest even down.
+  PyTorch converts them: exactly up to fp32, round to nearest even down (to bf16 with integer
+  operations on the bits, ``_bf16_bits``: Triton's interpreter truncates).
 
 Layout: W (m, n) viewed as rows of one scale each (m·G rows of n/G columns: per-row and grouped
 scales alike); contiguous tensors only (``supports``). The forward tiles (rows × columns); the
@@ -27,7 +28,10 @@ backward gives each program a block of rows and loops over their columns, summin
 registers (one launch, deterministic).
 
 Tested bit for bit against ``functional.py`` in Triton's interpreter on CPU
-(``tests/quant/test_triton_kernels.py``) and on a GPU (``tests/test_cuda.py``, marker ``gpu``).
+(``tests/quant/test_triton_kernels.py``), which also compiles the kernels for an H100 without a GPU
+and checks that the PTX holds only round-to-nearest fp32 ``add``/``sub``/``mul``/``div`` (no FMA,
+no approximate division; ``floor`` flushes denormals, which round to 0 anyway), and on a GPU
+(``tests/test_cuda.py``, marker ``gpu``).
 Importing this module imports Triton (an optional dependency: ``pip install paretoq[triton]``);
 ``fused.py`` imports it only when a CUDA tensor comes.
 """
