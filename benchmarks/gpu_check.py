@@ -62,7 +62,7 @@ def parts(out: Path, dry_run: bool) -> list[tuple[str, int, list[str]]]:
         ("triton-tests", 150, [*pytest, "tests/test_cuda.py", "tests/quant/test_triton_kernels.py", "-k", TRITON_TESTS,
                                f"--junitxml={out / 'triton-tests.xml'}"]),
         ("qat-overhead", 120, [PY, "benchmarks/qat_overhead.py", *overhead]),
-        ("scale", 180, [PY, "benchmarks/scale.py", *scale, "--out", str(out / "scale")]),
+        ("scale", 200, [PY, "benchmarks/scale.py", *scale, "--out", str(out / "scale")]),
         ("gpu-tests", 100, [*pytest, "-m", "gpu", "tests/test_cuda.py", "-k", f"not ({TRITON_TESTS})",
                             f"--junitxml={out / 'gpu-tests.xml'}"]),
     ]
