@@ -9,7 +9,9 @@ module): it reads the cases' inputs from a file, runs the kernels and writes the
 comparisons with ``functional.py`` are made here. The interpreter computes in numpy's fp32, which
 rounds every operation as IEEE says; that is what the kernels are written to need (correctly
 rounded division, round half to even from exact operations, bf16 rounding by hand), so the same
-kernels give the same bits on a GPU (``enable_fp_fusion=False``: no FMA contraction there).
+kernels give the same bits on a GPU (``enable_fp_fusion=False``: no FMA contraction there). That
+last step is checked too, without a GPU: the kernels compiled for an H100 (Triton's own ptxas) hold
+only round-to-nearest fp32 add/sub/mul/div (``test_gpu_code_rounds_every_operation_as_written``).
 
 What holds: Ŵ and ∂L/∂W bit for bit (their raw bits, so ±0 counts), ∂L/∂α to summation order, for
 every scheme, per row and per group, fp32 and bf16 weights, fp32/bf16/fp16 Ŵ and g, shapes that
