@@ -112,6 +112,20 @@ def test_trainer_chunks_the_loss_where_logits_are_large(tmp_path):
     assert trainer._chunk_size(model, small) == 0
 
 
+def test_evaluation_loss_in_chunks_equals_the_plain_one(tmp_path):
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(4))]
+    losses = {}
+    for chunk in (0, 5):
+        model = tiny_llama(layers=2, hidden=64, vocab=128, seed=1)
+        quantize_model(model, QuantConfig(w_bits=2))
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+        trainer = QATTrainer(model=model, args=args, eval_dataset=data, data_collator=default_data_collator,
+                             loss_chunk_size=chunk)
+        losses[chunk] = trainer.evaluate()["eval_loss"]
+    assert losses[5] == pytest.approx(losses[0], rel=1e-6) and losses[0] > 1.0
+
+
 class _GradsBeforeStep(TrainerCallback):
     def __init__(self):
         self.grads = None

@@ -6,7 +6,7 @@
 | ``create_scheduler`` | with an FP phase (``qat_start_fraction``) or a default WSD decay: the schedule restarts with a fresh warm-up when QAT starts | ``recipe.py`` |
 | ``compute_loss`` | distillation from the FP model: (1 − w)·CE + w·T²·KL | ``distill.py`` |
 | ``__init__`` | the quantizer kernels of the model's layers (``quantizer_kernels``) and the fake-quant cache | ``quant/fused.py``, ``quant/linear.py`` |
-| ``compute_loss`` | (also) the causal-LM loss over chunks of positions, never the whole sequence's logits at once | ``chunked_loss.py`` |
+| ``compute_loss``, ``prediction_step`` | (also) the causal-LM loss over chunks of positions, never the whole sequence's logits at once (training, and evaluation of the loss alone) | ``chunked_loss.py`` |
 | ``create_optimizer`` | (also) bf16 weights (lean mode) get torchao's stochastic rounding | ``lean.py`` |
 | ``training_step`` | a nan/inf loss stops the run before the optimizer step; the fake-quant cache's gradients are pushed through the quantizer after the step's last micro-batch; tokens counted | ``guards.py``, ``quant/linear.py`` |
 | ``log`` | ``tokens_per_second`` and ``peak_memory_gb`` in every training log line | ``lean.py`` |
@@ -188,6 +188,17 @@ class QATTrainer(Trainer):
         w, temp = self.kd_weight, self.kd_temperature
         loss = (1.0 - w) * ce + w * temp * temp * kl.to(ce.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss in chunks too where only the loss is asked for (no logits kept)."""
+        chunk = self._chunk_size(model, inputs) if prediction_loss_only else 0
+        if not chunk:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            hidden, head = chunked_loss.hidden_states_and_head(model, inputs)
+            loss = chunked_loss.chunked_causal_lm_loss(hidden, head, inputs["labels"], None, chunk)
+        return loss.detach(), None, None
 
     def _teacher_logits(self, inputs: dict) -> torch.Tensor:
         feed = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
