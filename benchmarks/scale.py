@@ -26,7 +26,8 @@ a separate 73,448 × 4096 LM head). LongRoPE with the 0.5B's constants at 32,768
 CPU (default): the 0.5B shape, fp / qat / qat_lean at 1×2048 (``--batches 1x2048,4x2048``). GPU
 (``--device cuda``): both shapes; at 8B only qat_lean fits one 80 GB GPU (16 bytes/parameter ×
 8.2 B = 131 GB for the others), run with gradient checkpointing at 1×2048 for 3 steps.
-``--short`` is the device check (~3 min on an H100): 0.5B at 1×2048 and 4×2048, 8B lean.
+``--short`` is the device check (a few minutes on an H100, not yet run on one): 0.5B at 1×2048 and 4×2048,
+8B lean; ``--kernels fused`` runs qat with the fused quantizer (Triton on a GPU).
 
     python benchmarks/scale.py                       # CPU, 0.5B, 1×2048
     python benchmarks/scale.py --device cuda --short --out /tmp/scale   # GPU device check
@@ -102,8 +103,10 @@ def child(a) -> dict:
     kernels = None
     if quantized:
         quantize_model(model, QuantConfig(w_bits=BITS))
-        kernels = "eager"
-        if a.mode == "qat" and not cuda:  # what `paretoq train` runs on CPU: the fused kernels
+        kernels = "eager"  # lean mode: always (the fused kernels read fp32 weights)
+        if a.mode == "qat" and a.kernels == "fused" and cuda:
+            kernels = "fused"
+        elif a.mode == "qat" and a.kernels in ("auto", "fused") and not cuda:  # `paretoq train`'s CPU default
             kernels = fused.prebuild([QuantConfig(w_bits=BITS).scheme], torch.bfloat16) or "eager"
     if a.mode == "qat_lean":
         to_lean(model)
@@ -144,7 +147,8 @@ def child(a) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     step = statistics.median(times[1:]) if len(times) > 1 else times[0]
     return {"shape": a.shape, "mode": a.mode, "batch": a.batch, "device": a.device, "parameters": params,
-            "gradient_checkpointing": a.gradient_checkpointing, "optim": args.optim.value if hasattr(args.optim, "value")
+            "gradient_checkpointing": a.gradient_checkpointing,
+            "quantizer": "-" if kernels is None else kernels if isinstance(kernels, str) else "fused", "optim": args.optim.value if hasattr(args.optim, "value")
             else str(args.optim), "bytes_per_parameter": round(state.get("per_parameter", float("nan")), 3),
             "state_gb": round((state.get("weights", 0) + state.get("gradients", 0) + state.get("optimizer", 0)) / 1e9, 3),
             "peak_gb": round(peak / 1e9, 3), "model_gb_at_start": round(base_alloc / 1e9, 3) if cuda else None,
@@ -177,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (the first compiles)")
     p.add_argument("--optim", default="adamw_torch_8bit", help="qat_lean's optimizer")
     p.add_argument("--gradient_checkpointing", action="store_true", help="for every configuration (8B: always)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "eager", "fused"],
+                   help="qat's quantizer: auto = paretoq train's default (fused on CPU, eager on GPU); lean: eager")
     p.add_argument("--short", action="store_true", help="GPU device check: 0.5B at 1x2048 and 4x2048, 8B lean")
     p.add_argument("--out", default=None, help="also write results.jsonl and scale.md to this folder")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     for run in plan(a):
         cmd = [sys.executable, __file__, "--child", "1", "--shape", run["shape"], "--batch", run["batch"],
                "--mode", run["mode"], "--device", a.device, "--steps", str(a.steps), "--optim", a.optim,
-               "--threads", str(a.threads)] + (["--gradient_checkpointing"] if run["gradient_checkpointing"] else [])
+               "--threads", str(a.threads), "--kernels", a.kernels] + (["--gradient_checkpointing"] if run["gradient_checkpointing"] else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -239,7 +245,8 @@ def table(rows: list[dict]) -> list[str]:
                    and "error" not in x and x["gradient_checkpointing"] == r["gradient_checkpointing"]), None)
         rel = (f"{r['step_seconds'] / fp['step_seconds']:.2f}×, {r['peak_gb'] / fp['peak_gb']:.2f}×"
                if fp and r["mode"] != "fp" else "")
-        lines.append(f"| {r['shape']} ({r['parameters'] / 1e6:.0f}M) | {r['batch']} | {r['mode']} | "
+        mode = r["mode"] + (f" ({r['quantizer']})" if r.get("quantizer") not in (None, "-") else "")
+        lines.append(f"| {r['shape']} ({r['parameters'] / 1e6:.0f}M) | {r['batch']} | {mode} | "
                      f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['bytes_per_parameter']} | {r['state_gb']} | "
                      f"{r['peak_gb']} | {r['step_seconds']} | {r['tokens_per_second']} | {rel} |")
     return lines
