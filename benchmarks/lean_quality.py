@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--optim", default="adamw_torch_8bit", help="lean runs' optimizer (adamw_torch_8bit | _4bit)")
     p.add_argument("--results", default="/tmp/lean_quality.jsonl")
     p.add_argument("--workdir", default="/tmp/lean-quality-runs")
+    p.add_argument("--report", action="store_true", help="only render --results' rows (e.g. of an interrupted run)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # BITS:MASTER, in a child process
     add_common_args(p)
     a = p.parse_args(argv)
@@ -75,7 +76,9 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(_run(a, parse_bits(bits), master)), flush=True)
         return 0
     rows = []
-    for bits in [parse_bits(b) for b in a.bits.split(",")]:
+    if a.report:
+        rows = [json.loads(line) for line in open(a.results) if line.strip()]
+    for bits in [] if a.report else [parse_bits(b) for b in a.bits.split(",")]:
         for master in ("fp32", "bf16"):  # each in a fresh process: its own peak RSS
             cmd = [sys.executable, __file__, "--one", f"{bits}:{master}", "--steps", str(a.steps), "--batch",
                    str(a.batch), "--optim", a.optim, "--workdir", a.workdir, "--threads", str(a.threads)]
@@ -88,12 +91,12 @@ def main(argv=None) -> int:
     lines = ["| bits | master weights + optimizer | eval ppl | lean / fp32 | goal | state bytes/param | peak RSS GB "
              "| run s |", "|---|---|---|---|---|---|---|---|"]
     for bits in sorted({r["bits"] for r in rows}, reverse=True):
-        fp = next(r for r in rows if r["bits"] == bits and r["master"] == "fp32")
+        fp = next((r for r in rows if r["bits"] == bits and r["master"] == "fp32"), None)
         for r in (r for r in rows if r["bits"] == bits):
-            ratio = r["ppl"] / fp["ppl"]
+            ratio = f"{r['ppl'] / fp['ppl']:.4f}" if fp else "–"
             what = "fp32 + AdamW fp32" if r["master"] == "fp32" else f"bf16 + {r['optim']} (stochastic rounding)"
             goal = f"≤ {GOAL[bits]}" if bits in GOAL and r["master"] == "bf16" else ""
-            lines.append(f"| {bits} | {what} | {r['ppl']:.2f} | {ratio:.4f} | {goal} | {r['bytes_per_parameter']} | "
+            lines.append(f"| {bits} | {what} | {r['ppl']:.2f} | {ratio} | {goal} | {r['bytes_per_parameter']} | "
                          f"{r['peak_rss_gb']} | {r['seconds']} |")
     print(json.dumps(rows, indent=1))
     if not a.no_append:
