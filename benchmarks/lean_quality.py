@@ -50,7 +50,7 @@ def _run(a, bits, master: str) -> dict:
     if master == "bf16":
         argv += ["--optim", a.optim]
     t = time.perf_counter()
-    metrics = run_training(parse_train_args(argv))
+    metrics = run_training(parse_train_args(argv), callbacks=[State()])
     state = State.bytes or {}
     return {"ppl": metrics["perplexity"], "train_loss": metrics.get("train_loss"),
             "bytes_per_parameter": round(state.get("per_parameter", float("nan")), 3),
