@@ -50,6 +50,7 @@ def validate_master_weights(value: str, optim: str, optim_args: str | None, expl
     if f"{SR_OPTION}=false" in (optim_args or "").replace(" ", "").lower():
         raise UserError(f"--master_weights bf16 with --optim_args {SR_OPTION}=False would lose the updates smaller "
                         "than bf16's spacing: drop that option")
+    quiet_torchao()
     try:
         import torchao.optim  # noqa: F401  (also registers its optimizer states as safe to torch.load)
     except ImportError:
