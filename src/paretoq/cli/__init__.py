@@ -75,6 +75,10 @@ def _setup_output() -> None:
     # DeepSpeed's logger prints to stdout; its "Setting accelerator to CPU" on every import is noise on a
     # machine without a GPU (the filter stays on the logger object DeepSpeed configures when imported)
     logging.getLogger("DeepSpeed").addFilter(_NotAcceleratorGuess())
+    # torchao (lean mode's optimizers; transformers imports it whenever it is installed) warns on import about
+    # each GPU extension it cannot load and each Enum it registers with torch.compile: noise here
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").addFilter(_NotEnumRegistration())
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
@@ -84,6 +88,11 @@ def _setup_output() -> None:
 class _NotAcceleratorGuess(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+class _NotEnumRegistration(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in str(record.msg)
 
 
 def _one_line(e: BaseException) -> str:

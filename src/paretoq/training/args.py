@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from paretoq.errors import UserError
 from paretoq.files import atomic_write
@@ -79,6 +80,13 @@ class RunArguments:
                 "$PARETOQ_COMPILE_QUANTIZER) | true | false. Same Ŵ and ∂W bits as the eager quantizer, "
                 "faster steps; on CPU built by Inductor once per machine into ~/.cache/paretoq/kernels "
                 "($PARETOQ_KERNEL_CACHE), on GPU hand-written Triton kernels; paretoq/quant/fused.py)"})
+    master_weights: str = field(default="fp32", metadata={
+        "help": "fp32 (default): fp32 weights, gradients and AdamW states (16 bytes/parameter) | bf16 (lean): bf16 "
+                "weights and gradients, fp32 scales, torchao's 8-bit AdamW (--optim adamw_torch_8bit, the default "
+                "then; or adamw_torch_4bit) with stochastic rounding of the bf16 updates (~6 bytes/parameter)"})
+    loss_chunk_size: str = field(default="auto", metadata={
+        "help": "positions per chunk of the training loss, so that the whole sequence's logits never exist at "
+                "once: auto (1024 when a micro-batch's fp32 logits would take over 256 MiB) | N | 0 (plain loss)"})
 
 
 DATACLASSES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
@@ -129,6 +137,11 @@ class TrainConfig:
         in Triton's interpreter, tests/test_cuda.py on a GPU)."""
         return self.run.compile_quantizer == "true" or (
             self.run.compile_quantizer == "auto" and (self.training.use_cpu or torch.cuda.is_available()))
+
+    @property
+    def loss_chunk_size(self) -> int | None:
+        """``QATTrainer``'s loss_chunk_size: None for auto, else the validated number (0 = plain loss)."""
+        return None if self.run.loss_chunk_size == "auto" else int(self.run.loss_chunk_size)
 
     @property
     def final_model_dir(self) -> str:
@@ -205,6 +218,11 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     if rest:
         raise UserError(f"unrecognized arguments: {' '.join(rest)} (see paretoq train --help)")
     _validate(model, data, run)
+    from paretoq.training.lean import validate_master_weights
+
+    explicit_optim = "optim" in layered or any(a == "--optim" or a.startswith("--optim=") for a in argv)
+    training.optim = OptimizerNames(validate_master_weights(
+        run.master_weights, getattr(training.optim, "value", training.optim), training.optim_args, explicit_optim))
     cfg = TrainConfig(model, data, run, training)  # builds and validates the QuantConfig (a UserError)
     from paretoq.training.recipe import validate_recipe_args
 
@@ -220,5 +238,9 @@ def _validate(model: ModelArguments, data: DataArguments, run: RunArguments) -> 
         raise UserError(f"--compile_quantizer must be auto, true or false, got {run.compile_quantizer!r}"
                         f" (the default comes from ${COMPILE_QUANTIZER_ENV} when set)")
     run.compile_quantizer = switch
+    chunk = str(run.loss_chunk_size).strip().lower()
+    if chunk != "auto" and not (chunk.isdigit()):
+        raise UserError(f"--loss_chunk_size must be auto, 0 or a positive number of positions, got {run.loss_chunk_size!r}")
+    run.loss_chunk_size = chunk
     if model.scale_lr_multiplier <= 0:
         raise UserError(f"--scale_lr_multiplier must be positive, got {model.scale_lr_multiplier}")

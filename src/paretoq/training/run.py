@@ -27,6 +27,7 @@ from paretoq.training.preflight import check_model_folder, check_output_dir, hel
 from paretoq.eval.perplexity import perplexity_from_loss
 from paretoq.training.callbacks import LogLastStepCallback, LossPlotCallback
 from paretoq.training.recipe import prepare_model, trainer_kwargs
+from paretoq.training.lean import import_optimizer_states, to_lean
 from paretoq.training.sharding import connect_deepspeed
 from paretoq.training.trainer import QATTrainer
 
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 def _load_model(cfg: TrainConfig):
     from paretoq.loading import load_model
 
-    # fp32 master weights whatever the checkpoint's dtype; --bf16 means bf16 autocast compute.
+    # fp32 master weights whatever the checkpoint's dtype (lean mode casts them to bf16 after the
+    # scales are initialised from them); --bf16 means bf16 autocast compute.
     return load_model(cfg.model.input_model_filename, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
 
 
@@ -144,11 +146,14 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
             logger.info("%s: training is already complete (step %d of %d, %s); nothing to do (a larger "
                         "--max_steps trains further)", args.output_dir, step, last, os.path.basename(resume))
             return {**finished, "final_model_dir": cfg.final_model_dir, "already_complete": True}
+        import_optimizer_states(args.optim)  # torchao's low-bit states load with weights_only=True once imported
         check_checkpoint_files(resume)  # safetensors weights; Trainer state files hold only tensors
         logger.info("resuming from %s (step %d of %d)%s", resume, step, last,
                     ": training is complete there, writing the final model" if complete else "")
     check_model_folder(cfg.model.input_model_filename, cfg.quant, cfg.model.trust_remote_code)
-    kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled else "eager"  # the model's, not a global switch
+    lean_mode = cfg.run.master_weights == "bf16"
+    # the model's, not a global switch; the fused kernels read fp32 weights: lean mode runs the eager math
+    kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled and not lean_mode else "eager"
     if kernels == "fused" and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
         kernels = fused.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
@@ -169,13 +174,17 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
         connect_deepspeed(args)
         model = _load_model(cfg)
         report, teacher, calibration = prepare_model(model, cfg, train_ds.blocks, resume)  # quantize (logs it)
+        if lean_mode:
+            to_lean(model)
+            logger.info("lean mode: bf16 weights and gradients, fp32 scales, --optim %s with stochastic rounding",
+                        getattr(args.optim, "value", args.optim))
     if args.should_save:
         cfg.save(args.output_dir)
 
     trainer = QATTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, data_collator=default_data_collator,
                          callbacks=[LogLastStepCallback(), LossPlotCallback(), *callbacks], quantizer_kernels=kernels,
-                         **trainer_kwargs(cfg, teacher, calibration))
+                         loss_chunk_size=cfg.loss_chunk_size, **trainer_kwargs(cfg, teacher, calibration))
     start = time.perf_counter()
     logger.info("quantizer: %s", "eager" if kernels == "eager" else "fused kernels")
     if complete:  # the last checkpoint is the end of training: its weights, no further step

@@ -6,13 +6,17 @@
 | ``create_scheduler`` | with an FP phase (``qat_start_fraction``) or a default WSD decay: the schedule restarts with a fresh warm-up when QAT starts | ``recipe.py`` |
 | ``compute_loss`` | distillation from the FP model: (1 − w)·CE + w·T²·KL | ``distill.py`` |
 | ``__init__`` | the quantizer kernels of the model's layers (``quantizer_kernels``) and the fake-quant cache | ``quant/fused.py``, ``quant/linear.py`` |
-| ``training_step`` | a nan/inf loss stops the run before the optimizer step; the fake-quant cache's gradients are pushed through the quantizer after the step's last micro-batch | ``guards.py``, ``quant/linear.py`` |
+| ``compute_loss``, ``prediction_step`` | (also) the causal-LM loss over chunks of positions, never the whole sequence's logits at once (training, and evaluation of the loss alone) | ``chunked_loss.py`` |
+| ``create_optimizer`` | (also) bf16 weights (lean mode) get torchao's stochastic rounding | ``lean.py`` |
+| ``training_step`` | a nan/inf loss stops the run before the optimizer step; the fake-quant cache's gradients are pushed through the quantizer after the step's last micro-batch; tokens counted | ``guards.py``, ``quant/linear.py`` |
+| ``log`` | ``tokens_per_second`` and ``peak_memory_gb`` in every training log line | ``lean.py`` |
 | ``_save_checkpoint``, ``_get_output_dir`` | checkpoints are written into ``.tmp-checkpoint-N`` and moved into place complete; weights with nan/inf are never saved | ``checkpointing.py`` |
 | ``save_state``, ``save_metrics`` | ``trainer_state.json`` and the results files are replaced atomically | ``paretoq/files.py`` |
 | ``_load_from_checkpoint`` | resuming a LongRoPE model (MiniCPM4) | |
 
 The fake-quant cache (Ŵ once per optimizer step) is on in single-process runs with gradient
-accumulation or checkpointing; DDP/FSDP/DeepSpeed need ∂L/∂W during backward, so not there.
+accumulation or checkpointing; DDP/FSDP/DeepSpeed need ∂L/∂W during backward, so not there; nor
+in lean mode (bf16 weights), where memory comes first: it holds Ŵ for the whole step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +39,7 @@ from paretoq.files import TMP_PREFIX, atomic_file, atomic_write, fsync_tree, rep
 from paretoq.quant.fused import set_kernels
 from paretoq.quant.linear import SCALE_PARAM, flush_fake_quant_grads, set_fake_quant_cache
 from paretoq.training import guards
+from paretoq.training import chunked_loss, lean
 from paretoq.training.checkpointing import COMPLETION_MARKER
 from paretoq.training.distill import distillation_kl
 from paretoq.training.recipe import SCALE_GROUP, QATStartCallback, is_wsd, qat_start_step, two_phase_lambda
@@ -52,11 +58,17 @@ class QATTrainer(Trainer):
         quant_config, qat_start_fraction, calibration_data: a full-precision phase first: the model
             is quantized in place (``quant_config``) after ``qat_start_fraction`` of the steps.
         teacher, kd_weight, kd_temperature: distillation from ``teacher`` (``distill.make_teacher``).
+        loss_chunk_size: positions per chunk of the causal-LM loss (``chunked_loss.py``); 0 = the model's
+            plain loss; None = chunks of 1024 where one micro-batch's fp32 logits would take more than
+            ``CHUNKED_LOSS_ABOVE`` bytes.
     """
+
+    CHUNKED_LOSS_ABOVE = 256 * 2**20
 
     def __init__(self, *args, scale_lr_multiplier: float = 1.0, fake_quant_cache: bool = True,
                  quantizer_kernels=None, quant_config=None, qat_start_fraction: float = 0.0, calibration_data=None,
-                 teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temperature: float = 1.0, **kwargs):
+                 teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temperature: float = 1.0,
+                 loss_chunk_size: int | None = None, **kwargs):
         if not 0.0 <= kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
         if kd_temperature <= 0:
@@ -70,13 +82,16 @@ class QATTrainer(Trainer):
         self.teacher = teacher if kd_weight > 0 else None
         self._nonfinite_loss: torch.Tensor | None = None
         self._staging_root: str | None = None
+        self.loss_chunk_size = loss_chunk_size
+        self._tokens, self._clock = 0, None  # tokens trained on since the last log line, and since when
         super().__init__(*args, **kwargs)
         if self.teacher is not None:
             self.teacher.to(self.args.device)
         single = self.accelerator.num_processes == 1 and self.args.n_gpu <= 1 \
             and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
         self.fake_quant_cache = fake_quant_cache and single \
-            and (self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing))
+            and (self.args.gradient_accumulation_steps > 1 or bool(self.args.gradient_checkpointing)) \
+            and not lean.is_lean(self.model)
         set_fake_quant_cache(self.model, self.fake_quant_cache)
         if quantizer_kernels is not None:
             set_kernels(self.model, quantizer_kernels)
@@ -108,6 +123,9 @@ class QATTrainer(Trainer):
             if p.requires_grad:
                 groups["scales" if name.endswith(SCALE_PARAM) else "decay" if name in decay else "no_decay"].append(p)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if lean.SR_OPTION in optimizer_kwargs and lean.SR_OPTION not in (self.args.optim_args or "") \
+                and lean.is_lean(opt_model):
+            optimizer_kwargs[lean.SR_OPTION] = True  # bf16 weights: updates rounded stochastically (lean.py)
         lr = optimizer_kwargs.get("lr", self.args.learning_rate)
         param_groups = [
             {"params": groups["decay"], "weight_decay": self.args.weight_decay},
@@ -137,7 +155,22 @@ class QATTrainer(Trainer):
         return self.lr_scheduler
 
     # -- loss and step -------------------------------------------------------------------------
+    def _chunk_size(self, model, inputs) -> int:
+        """Positions per chunk of the loss for this batch; 0 = the model's plain loss."""
+        if self.loss_chunk_size == 0 or self.teacher is not None or "labels" not in inputs \
+                or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled \
+                or not chunked_loss.eligible(model):
+            return 0
+        if self.loss_chunk_size is not None:
+            return self.loss_chunk_size
+        logits_bytes = inputs["labels"].numel() * model.get_output_embeddings().out_features * 4
+        return chunked_loss.DEFAULT_CHUNK if logits_bytes > self.CHUNKED_LOSS_ABOVE else 0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chunk = self._chunk_size(model, inputs) if model.training and not return_outputs else 0
+        if chunk:
+            hidden, head = chunked_loss.hidden_states_and_head(model, inputs)
+            return chunked_loss.chunked_causal_lm_loss(hidden, head, inputs["labels"], num_items_in_batch, chunk)
         if self.teacher is None or not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -156,6 +189,17 @@ class QATTrainer(Trainer):
         loss = (1.0 - w) * ce + w * temp * temp * kl.to(ce.dtype)
         return (loss, outputs) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss in chunks too where only the loss is asked for (no logits kept)."""
+        chunk = self._chunk_size(model, inputs) if prediction_loss_only else 0
+        if not chunk:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            hidden, head = chunked_loss.hidden_states_and_head(model, inputs)
+            loss = chunked_loss.chunked_causal_lm_loss(hidden, head, inputs["labels"], None, chunk)
+        return loss.detach(), None, None
+
     def _teacher_logits(self, inputs: dict) -> torch.Tensor:
         feed = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         amp = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
@@ -164,6 +208,10 @@ class QATTrainer(Trainer):
             return self.teacher(**feed, use_cache=False).logits
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._clock is None:
+            self._clock = time.perf_counter()
+        ids = inputs.get("input_ids")
+        self._tokens += ids.numel() if ids is not None else 0
         loss = super().training_step(model, inputs, num_items_in_batch)
         detached = loss.detach()
         if self._nonfinite_loss is None and not torch.isfinite(detached).all():
@@ -179,6 +227,29 @@ class QATTrainer(Trainer):
         if self.fake_quant_cache and self.accelerator.sync_gradients:
             flush_fake_quant_grads(model)  # before gradient clipping and the optimizer step
         return loss
+
+    def _pause_clock(self, began: float) -> None:
+        """Leave the time since ``began`` (a checkpoint, an evaluation) out of ``tokens_per_second``."""
+        if self._clock is not None:
+            self._clock += time.perf_counter() - began
+
+    def evaluate(self, *args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._pause_clock(began)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Training log lines (those with ``loss``) get ``tokens_per_second`` (all processes, since the
+        previous line) and ``peak_memory_gb`` (this process: CUDA max allocated, else peak RSS; 1e9 bytes)."""
+        if "loss" in logs and self._clock is not None:
+            now = time.perf_counter()
+            if now > self._clock and self._tokens:
+                logs["tokens_per_second"] = round(self._tokens * self.accelerator.num_processes / (now - self._clock), 1)
+            logs["peak_memory_gb"] = round(lean.peak_memory_bytes(self.args.device) / 1e9, 3)
+            self._tokens, self._clock = 0, now
+        super().log(logs, start_time)
 
     # -- checkpoints and result files ----------------------------------------------------------
     def _get_output_dir(self, trial):
@@ -199,10 +270,12 @@ class QATTrainer(Trainer):
             shutil.rmtree(staging_root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._staging_root = staging_root
+        began = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
+            self._pause_clock(began)
         best = self.state.best_model_checkpoint
         if best is not None and os.path.normpath(best) == os.path.normpath(staged):
             self.state.best_model_checkpoint = final
