@@ -15,7 +15,11 @@ from paretoq.errors import QuantConfigError
 from paretoq.quant.functional import SCHEMES, TABLE_SCHEMES, Scheme
 from paretoq.quant.scale_init import SCALE_INITS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 adds embed_bits / embed_group_size / head_bits / head_group_size / a_bits. A config that uses
+# none of them is written as version 1 (what it always was), so only the folders that need the new
+# fields are refused by a paretoq that predates them, instead of being run without them.
+_V1 = 1
 QUANT_METHOD = "paretoq"
 OFF_BITS = (16, 32)
 
@@ -181,7 +185,8 @@ class QuantConfig:
         d = {k: v for k, v in asdict(self).items() if k != "scheme" and k not in _TABLE_DEFAULTS}
         d.update({k: getattr(self, k) for k, off in _TABLE_DEFAULTS.items() if getattr(self, k) != off})
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        return {"quant_method": QUANT_METHOD, **d, "format": format, "version": FORMAT_VERSION}
+        version = FORMAT_VERSION if any(getattr(self, k) != off for k, off in _TABLE_DEFAULTS.items()) else _V1
+        return {"quant_method": QUANT_METHOD, **d, "format": format, "version": version}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
