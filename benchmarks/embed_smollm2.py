@@ -6,8 +6,8 @@ serves both), through ``paretoq train``'s own code path (docs/quality.md's recip
 10% warm-up, cosine; eager quantizer, so no kernel build); one JSON line per variant to
 <workdir>/size.jsonl (variants can run side by side); ``report`` writes the table. Measured: the held-out
 perplexity (KJV books Ruth, Jonah, Esther in 256-token blocks, bf16 autocast) and the size of the
-packed export (``save_packed``: fp16 scales, bf16 for the rest), and checks that the reloaded packed
-model gives the fake-quant model's logits bit for bit (fp32, scales rounded to fp16).
+packed export (``save_packed``: fp16 scales, bf16 for the rest), and checks that an fp32 packed copy,
+reloaded, gives the fake-quant model's logits bit for bit (fp32, scales rounded to fp16).
 
 ``agreement``: ternary QAT with and without ``--a_bits 8`` (same steps and data), each exported to
 GGUF and run by llama.cpp (llama-cpp-python, all logits) on ``--agree_tokens`` held-out tokens: top-1
@@ -17,7 +17,9 @@ model (fp32 forward, and with a_bits 8 its own activation rounding).
     nice python benchmarks/embed_smollm2.py size --variant 16 --steps 30 --workdir /tmp/embed_bench &
     nice python benchmarks/embed_smollm2.py size --variant 4 --steps 30 --workdir /tmp/embed_bench
     python benchmarks/embed_smollm2.py report --workdir /tmp/embed_bench
-    nice python benchmarks/embed_smollm2.py agreement --steps 30 --workdir /tmp/embed_bench
+    nice python benchmarks/embed_smollm2.py agreement --steps 30 --workdir /tmp/embed_bench &
+    nice python benchmarks/embed_smollm2.py agreement --a8 --steps 30 --workdir /tmp/embed_bench
+    python benchmarks/embed_smollm2.py agreement_report --workdir /tmp/embed_bench
 """
 
 from __future__ import annotations
@@ -105,9 +107,11 @@ def run_size(a, variant: str) -> dict:
     name = f"w2-embed{variant}"
     out, row = train(a, name, 2, SIZE_VARIANTS[variant] + RECIPE)
     packed = Path(a.workdir) / f"{name}-packed"
-    save_packed(out, packed)
+    save_packed(out, packed)  # the deliverable: bf16 for the unquantized tensors
+    fp32 = Path(a.workdir) / f"{name}-packed-fp32"  # for the bit-for-bit check (fp32 everywhere)
+    save_packed(out, fp32, dtype=torch.float32)
     row.update(variant=variant, size=(packed / "model.safetensors").stat().st_size, folder=folder_bytes(packed),
-               exact=packed_check(out, packed), steps=a.steps, batch=a.batch)
+               exact=packed_check(out, fp32), steps=a.steps, batch=a.batch)
     with open(Path(a.workdir) / "size.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -153,26 +157,56 @@ def agreement(fake_dir: Path, gguf_path: Path, ids: list[int]) -> tuple[float, f
     return top1, kl
 
 
-def run_agreement(a) -> list[str]:
+def run_agreement(a, a8: bool) -> dict:
+    """One variant (with or without --a_bits 8): train, export GGUF, measure; a row to <workdir>/agree.jsonl."""
     from paretoq.export.gguf import export_gguf
 
     ids = eval_ids(a.agree_tokens)
-    lines = [f"| SmolLM2-135M ternary (per row), {a.steps} QAT steps, GGUF (Q4_0 + TQ2_0) in llama.cpp, "
-             f"{len(ids)} held-out tokens | held-out ppl (paretoq) | top-1 agreement | mean KL |",
-             "|---|---|---|---|"]
-    for label, extra in (("without --a_bits", []), ("with --a_bits 8", ["--a_bits", "8"])):
-        name = "w158" + ("-a8" if extra else "")
-        out, row = train(a, name, 1.58, extra + RECIPE)
-        path = export_gguf(out, Path(a.workdir) / f"{name}.gguf")
-        top1, kl = agreement(out, path, ids)
-        lines.append(f"| {label} | {row['ppl']:.2f} | {top1:.1%} | {kl:.4f} |")
-        print(lines[-1], flush=True)
+    name = "w158" + ("-a8" if a8 else "")
+    out, row = train(a, name, 1.58, (["--a_bits", "8"] if a8 else []) +
+                     ["--scale_init", a.agree_init, "--calibration_samples", "16"])
+    path = export_gguf(out, Path(a.workdir) / f"{name}.gguf")
+    top1, kl = agreement(out, path, ids)
+    row.update(a8=a8, top1=top1, kl=kl, tokens=len(ids), steps=a.steps, init=a.agree_init)
+    with open(Path(a.workdir) / "agree.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def agreement_table(a) -> list[str]:
+    rows = {r["a8"]: r for r in map(json.loads, (Path(a.workdir) / "agree.jsonl").read_text().splitlines())}
+    r0 = next(iter(rows.values()))
+    lines = [f"| SmolLM2-135M ternary (per row), {r0['steps']} QAT steps, {r0['init']} init; GGUF (Q4_0 + TQ2_0) in "
+             f"llama.cpp vs paretoq fake-quant (fp32), {r0['tokens']} held-out tokens | held-out ppl | top-1 agreement "
+             "| mean KL(paretoq ‖ llama.cpp) |", "|---|---|---|---|"]
+    for a8, label in ((False, "QAT without --a_bits"), (True, "QAT with --a_bits 8")):
+        if a8 in rows:
+            r = rows[a8]
+            lines.append(f"| {label} | {r['ppl']:.1f} | {r['top1']:.1%} | {r['kl']:.4f} |")
     return lines
+
+
+def recheck(a) -> None:
+    """Rewrite each size row's ``exact`` with an fp32 packed copy (the bf16 export rounds the unquantized
+    tensors — norms, a bf16 embedding — so only an fp32 one can equal the fp32 fake-quant model)."""
+    from paretoq.export.packed import save_packed
+
+    rows = [json.loads(line) for line in (Path(a.workdir) / "size.jsonl").read_text().splitlines()]
+    for r in rows:
+        out = Path(a.workdir) / r["name"]
+        fp32 = Path(a.workdir) / f"{r['name']}-packed-fp32"
+        save_packed(out, fp32, dtype=torch.float32)
+        r["exact"] = packed_check(out, fp32)
+        print(r["name"], "exact" if r["exact"] else "DIFFERS", flush=True)
+    (Path(a.workdir) / "size.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("parts", nargs="+", choices=("size", "report", "agreement"))
+    p.add_argument("parts", nargs="+", choices=("size", "recheck", "report", "agreement", "agreement_report"))
+    p.add_argument("--a8", action="store_true", help="agreement: the --a_bits 8 run")
+    p.add_argument("--agree_init", default="reference", help="agreement: --scale_init of the ternary runs")
     p.add_argument("--variant", choices=tuple(SIZE_VARIANTS), default="16", help="size: which embedding")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=2)
@@ -187,15 +221,17 @@ def main() -> int:
     cmd = command("embed_smollm2.py")
     note = f"gptq scale init (embedding: reference), LR {a.lr}, 10% warm-up, cosine, bf16 autocast, fp32 master weights"
     for part in a.parts:
-        if part == "size":
-            run_size(a, a.variant)
+        if part in ("size", "agreement", "recheck"):
+            {"size": lambda: run_size(a, a.variant), "agreement": lambda: run_agreement(a, a.a8),
+             "recheck": lambda: recheck(a)}[part]()
             continue
-        lines = size_table(a) if part == "report" else run_agreement(a)
+        lines = size_table(a) if part == "report" else agreement_table(a)
         print("\n".join(lines), flush=True)
         if not a.no_append:
             title = ("Quantized embeddings: SmolLM2-135M 2-bit packed size and ppl" if part == "report" else
                      "8-bit activations: ternary SmolLM2-135M in llama.cpp, top-1 agreement")
-            append_results(title, cmd, lines, note=note)
+            append_results(title, cmd, lines, note=note if part == "report" else
+                           f"{a.agree_init} scale init, LR {a.lr}, 10% warm-up, cosine, bf16 autocast, fp32 master")
     return 0
 
 
