@@ -97,4 +97,3 @@ def test_table_not_aligned_to_32_is_refused_or_f16(tmp_path):
     assert got_type == "F16"
     w_hat = model.model.embed_tokens.quantized_weight().detach().numpy()
     assert np.abs(got - w_hat).max() <= FP16_HALF_ULP * np.abs(w_hat).max()
-
