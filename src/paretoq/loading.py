@@ -286,6 +286,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     """The figures of ``paretoq info`` for a model folder, as a dict: parameters, bits, bytes on disk
     and in memory, quantized layers. From config.json and the safetensors headers, with the model
     built on the meta device: no weights are read, so it is instant for any model size."""
+    from paretoq.quant.embedding import PackedEmbedding, QuantEmbedding
     from paretoq.quant.linear import QuantLinear
     from paretoq.quant.packed import PackedLinear, packed_settings
 
@@ -293,7 +294,8 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     model = skeleton(info)
     check_tensors(info, model)  # a missing or misshapen tensor is reported, not counted
     qc = info.quantization_config or {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, PackedLinear))}
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, (QuantLinear, PackedLinear, QuantEmbedding, PackedEmbedding))}
 
     disk = {"quantized_weights": 0, "scales": 0, "other": 0}
     for key, entry in info.tensors.items():
@@ -319,7 +321,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     memory["total"] = sum(memory.values())
 
     quantized = sum(m.in_features * m.out_features for m in layers.values())
-    scale_elems = sum(m.weight_clip_val.numel() if isinstance(m, QuantLinear) else m.scales.numel()
+    scale_elems = sum(m.weight_clip_val.numel() if isinstance(m, (QuantLinear, QuantEmbedding)) else m.scales.numel()
                       for m in layers.values())
     total = quantized  # logical weights: each quantized weight counts once, whatever its storage
     for name, t in model.named_parameters():  # tied parameters are listed once
@@ -350,5 +352,9 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         scale_dtype, ternary = packed_settings(qc)
         out["scale_dtype"] = str(scale_dtype).removeprefix("torch.")
         out["ternary_format"] = ternary
-        out["kernel_cache_bytes"] = sum(m.kernel_bytes() for m in layers.values())
+        out["kernel_cache_bytes"] = sum(m.kernel_bytes() for m in layers.values() if isinstance(m, PackedLinear))
+    for key, off in (("embed_bits", 16), ("embed_group_size", None), ("head_bits", 16), ("head_group_size", None),
+                     ("a_bits", 16)):
+        out[key] = qc.get(key, off) if qc else off
+    out["tied_embeddings"] = bool(info.config.get("tie_word_embeddings", False))
     return out

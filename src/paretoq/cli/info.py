@@ -53,6 +53,16 @@ def format_info(d: dict[str, Any]) -> str:
         if d["format"] == "packed":
             extra = f" in {d['scale_dtype']}" + (f", ternary codes {d['ternary_format']}" if d["w_bits"] == 1.58 else "")
         lines.append(f"format       {d['format']}: w_bits {d['w_bits']}, scales {group}{extra}")
+        tables = []
+        if d.get("embed_bits", 16) != 16:
+            tied = " (tied: also the LM head)" if d.get("tied_embeddings") else ""
+            tables.append(f"embedding {d['embed_bits']}-bit, scales {group_label(d.get('embed_group_size'))}{tied}")
+        if d.get("head_bits", 16) != 16 and not d.get("tied_embeddings"):
+            tables.append(f"LM head {d['head_bits']}-bit, scales {group_label(d.get('head_group_size'))}")
+        if tables:
+            lines.append(f"tables       {'; '.join(tables)}")
+        if d.get("a_bits", 16) == 8:
+            lines.append("activations  8-bit per token (absmax) at every quantized layer's input")
     lines.append(f"parameters   {d['parameters']:,} ({d['quantized_parameters']:,} quantized, "
                  f"{d['quantized_fraction']:.1%}, in {d['num_quantized_layers']} layers)")
     disk, mem = d["disk_bytes"], d["memory_bytes"]

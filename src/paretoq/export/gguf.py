@@ -173,6 +173,14 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q3_K", 256, 110 * 8 / 256, _within(-4, 3), _encode_q3_k),
     BlockType("Q4_0", 32, 18 * 8 / 32, _within(-8, 7), _encode_q4_0),
 )}
+# Embedding table and LM head (embed_bits / head_bits): types every llama.cpp backend reads rows of
+# (get_rows) and multiplies by. Q8_0 (32 → 34 B: d | 32 int8) holds the 8-bit grid −128…127 exactly.
+def _encode_q8_0(k: np.ndarray, d: np.ndarray, _grid) -> np.ndarray:
+    return np.concatenate([_f16_bytes(d), k.astype(np.int8).view(np.uint8)], axis=1)
+
+
+TABLE_ORDER = (BLOCK_TYPES["Q4_0"], BlockType("Q8_0", 32, 34 * 8 / 32, _within(-128, 127), _encode_q8_0))
+
 # Automatic choice: the first type that holds the layer's integers and whose block fits its scales.
 # TQ2_0 comes before the smaller TQ1_0 because llama.cpp decodes it faster (benchmarks/RESULTS.md);
 # ask for TQ1_0 with qtype="TQ1_0" (strict) or qtype=("TQ1_0", *AUTO_ORDER).
@@ -456,6 +464,26 @@ class _Writer:
             self.writer.add_tensor(name, gguf.quants.quantize(arr, gtype), raw_dtype=gtype)
         self.records.append(_TensorRecord(name, ftype.upper(), tuple(arr.shape)))
 
+    def table(self, name: str, module: nn.Module, source: str) -> None:
+        """A quantized embedding / LM head (``name`` without ".weight") as Q4_0 (levels within −8…7) or Q8_0,
+        exact up to the fp16 rounding of the scales; else refused, or Ŵ as F16 with ``fallback="f16"``."""
+        q = _quantized(module)
+        n, groups = q.k.shape[1], q.scale.shape[1]
+        bt = next((t for t in TABLE_ORDER if t.holds(q.grid) and _aligned(q, t.block)), None)
+        if bt is None and self.fallback != "f16":
+            raise UserError(f"GGUF export: {source} ({q.bits}-bit, {'per-row scales' if groups == 1 else f'group_size {n // groups}'}, "
+                            f"width {n}) fits neither Q4_0 nor Q8_0 exactly: the scale must be constant over blocks "
+                            "of 32; quantize it with a group size that is a multiple of 32 (--embed_group_size / "
+                            "--head_group_size 32), or pass fallback='f16' (--gguf_fallback f16)")
+        if bt is None:
+            w = (q.k.double() * q.scale.repeat_interleave(n // groups, dim=1)).float()
+            self.float_matrix(f"{name}.weight", w, "f16")
+            self.records[-1].bits = q.bits
+            return
+        blocks, rounding = _encode(q, bt)
+        self.writer.add_tensor(f"{name}.weight", blocks, raw_dtype=bt.qtype)
+        self.records.append(_TensorRecord(f"{name}.weight", bt.name, tuple(q.k.shape), q.bits, rounding))
+
     def linear(self, name: str, module: nn.Linear, heads: int | None = None, source: str | None = None) -> None:
         """A Linear weight (``name`` without ".weight") and its bias; ``heads``: permute rows for RoPE;
         ``source``: the module's name in the model, for messages."""
@@ -649,6 +677,9 @@ def _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir
     if isinstance(qc, dict) and qc.get("quant_method") == "paretoq":
         writer.add_float32("paretoq.w_bits", float(qc.get("w_bits")))
         writer.add_uint32("paretoq.group_size", int(qc.get("group_size") or 0))
+        for key in ("embed_bits", "head_bits", "a_bits"):
+            if key in qc:
+                writer.add_float32(f"paretoq.{key}", float(qc[key]))
     _write_vocab(writer, tokenizer, model_dir, config, vocab_size, tokenizer_pre)
 
     consumed: set[int] = set()
@@ -657,14 +688,22 @@ def _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir
         consumed.update(id(p) for p in module.parameters())
         return module
 
-    w.float_matrix("token_embd.weight", take(base.embed_tokens).weight)
+    if _quantized(base.embed_tokens) is not None:  # embed_bits: Q4_0 / Q8_0 (Writer.table)
+        w.table("token_embd", take(base.embed_tokens), "model.embed_tokens")
+    else:
+        w.float_matrix("token_embd.weight", take(base.embed_tokens).weight)
     w.f32("output_norm.weight", take(base.norm).weight)
     lm_head = getattr(model, "lm_head", None)
-    tied = lm_head is not None and lm_head.weight is base.embed_tokens.weight
+    tied = lm_head is not None and (getattr(lm_head, "source", None) is base.embed_tokens
+                                    or getattr(lm_head, "weight", None) is getattr(base.embed_tokens, "weight", 0))
     if lm_head is not None and not tied:
-        if not isinstance(take(lm_head), nn.Linear):
+        quantized_head = _quantized(take(lm_head)) is not None
+        if not (isinstance(lm_head, nn.Linear) or quantized_head):
             raise UserError(f"GGUF export: lm_head is a {type(lm_head).__name__}, not a Linear layer")
-        w.linear("output", lm_head, source="lm_head")
+        if quantized_head and getattr(getattr(lm_head, "quant_config", None), "head_bits", 8) != 16:
+            w.table("output", lm_head, "lm_head")  # head_bits (a packed head: PackedLinear)
+        else:
+            w.linear("output", lm_head, source="lm_head")
     elif lm_head is not None:
         take(lm_head)
     for i, layer in enumerate(layers):

@@ -19,6 +19,7 @@ from torch import nn
 
 from paretoq.models.minicpm import MiniCPMConfig, as_llama
 from paretoq.export.folder import export_config, export_state, tokenizer_files, write_folder
+from paretoq.quant.embedding import PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantHead, QuantTiedHead
 from paretoq.quant.packed import PackedLinear, resolve_dtype
 from paretoq.quant.linear import QuantLinear
 
@@ -51,8 +52,16 @@ def export_hf(model_or_folder: nn.Module | str | os.PathLike, out_dir: str | os.
             out["bias"] = m.bias.float()
         return out
 
+    def baked_table(_name, m):  # a quantized embedding (embed_bits): its Ŵ as the plain table
+        return {"weight": (m.dequantized_weight() if isinstance(m, PackedEmbedding) else m.quantized_weight()).float()}
+
+    def tied(_name, _m):  # a tied head: transformers re-ties lm_head.weight to the table from the config
+        return {}
+
+    convert = {QuantLinear: baked, QuantHead: baked, PackedLinear: baked, QuantEmbedding: baked_table,
+               PackedEmbedding: baked_table, QuantTiedHead: tied, PackedTiedHead: tied}
     with torch.no_grad():  # fp32 first: MiniCPM's scalings fold into fp32 values, rounded once to dtype
-        tensors = export_state(model, {QuantLinear: baked, PackedLinear: baked}, torch.float32)
+        tensors = export_state(model, convert, torch.float32)
         config = export_config(model, dtype, None)
         if isinstance(config, MiniCPMConfig):
             config, tensors = as_llama(config, tensors)

@@ -15,6 +15,7 @@ from torch import nn
 from paretoq.errors import ModelFolderError, UserError
 from paretoq.export.folder import export_config, export_state, tokenizer_files, write_folder
 from paretoq.loading import inspect_folder, load_model
+from paretoq.quant.embedding import PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantHead, QuantTiedHead
 from paretoq.quant.linear import QuantLinear
 from paretoq.quant.packed import (PackedLinear, code_format, packed_quantization_config, quant_config_of,
                                   resolve_dtype)
@@ -30,7 +31,8 @@ def save_packed(model_or_folder: nn.Module | str | os.PathLike, out_dir: str | o
 
     ``model_or_folder``: a model with ``QuantLinear`` (fake-quant) or ``PackedLinear`` layers, or
     the folder of one. Quantized layers become ``qweight`` + ``scales`` (``scale_dtype``) + bias;
-    every other tensor (embeddings, norms, LM head) is written in ``dtype``. Tokenizer files are
+    every other tensor (norms, and the embeddings and LM head unless ``embed_bits`` / ``head_bits``
+    quantize them: then ``qweight`` + ``scales`` as well) is written in ``dtype``. Tokenizer files are
     copied from a source folder (or ``tokenizer.save_pretrained`` is called when one is given).
     """
     scale_dtype = resolve_dtype(scale_dtype)
@@ -55,8 +57,20 @@ def save_packed(model_or_folder: nn.Module | str | os.PathLike, out_dir: str | o
         p = m.repacked(scale_dtype, ternary_format, bias_dtype=dtype)
         return {k: v for k, v in p.state_dict().items() if v is not None}
 
+    def pack_embedding(_name, m: QuantEmbedding):
+        return PackedEmbedding.from_quant_embedding(m, scale_dtype).state_dict()
+
+    def repack_embedding(_name, m: PackedEmbedding):
+        return m.repacked(scale_dtype).state_dict()
+
+    def tied_head(_name, _m):
+        return {}  # the tied head reads the embedding's codes and scales: nothing of its own to write
+
+    convert = {QuantLinear: pack_quant, QuantHead: pack_quant, PackedLinear: pack_packed,
+               QuantEmbedding: pack_embedding, PackedEmbedding: repack_embedding,
+               QuantTiedHead: tied_head, PackedTiedHead: tied_head}
     with torch.no_grad():
-        tensors = export_state(model, {QuantLinear: pack_quant, PackedLinear: pack_packed}, dtype)
+        tensors = export_state(model, convert, dtype)
     config = export_config(model, dtype, packed_quantization_config(qc, scale_dtype, ternary_format))
     out = write_folder(out_dir, tensors, config, tokenizer_files(source), model=model, tokenizer=tokenizer)
     logger.info("wrote packed %s-bit model to %s", qc.w_bits, out)

@@ -260,6 +260,41 @@ SCHEMES: dict[float, Scheme] = {
 }
 """bits as users write them → scheme. 16 (or more) means "not quantized" and has no entry."""
 
+TABLE_SCHEMES: dict[float, Scheme] = {**SCHEMES, 8: _lsq(8)}
+"""Schemes for the embedding table and the LM head (``embed_bits`` / ``head_bits``): those of
+``SCHEMES`` and 8 bits, the symmetric integer grid −128…127 (LSQ, reference init max|W|/127) that
+GGUF's Q8_0 holds exactly. The decoder's Linear layers (``w_bits``) keep ``SCHEMES``."""
+
+
+# -- 8-bit activations (``a_bits=8``) ----------------------------------------------------------------
+ACT_QMAX = 127  # per-token absmax grid: x̂ = round(x·127/max|x|)·max|x|/127, integers −127…127
+ACT_EPS = 1e-5  # floor of max|x| so that an all-zero token stays zero instead of 0/0
+
+
+class _ActivationFakeQuant(torch.autograd.Function):
+    """Per-token absmax 8-bit fake quantization with a straight-through gradient (∂x̂/∂x = 1)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _quantize_activation(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS)
+    return (torch.round(xf * ACT_QMAX / amax) * amax / ACT_QMAX).to(x.dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """8-bit per-token absmax fake quantization of a layer input (last dim = features), as llama.cpp's
+    Q8 activation blocks and BitNet b1.58 do: with m = max|x| over the token (floored at 1e-5),
+    x̂ = round(x·127/m)·m/127, computed in fp32 and returned in x's dtype. Gradient: straight through."""
+    return _ActivationFakeQuant.apply(x)
+
 
 def effective_scale(scale: torch.Tensor) -> torch.Tensor:
     """α̃ = max(α, 1e-5) with ``torch.where`` (not ``clamp``) as the reference: a nan α → 1e-5."""

@@ -178,7 +178,7 @@ def _arguments(name: str, scheme, dtype: torch.dtype) -> list[dict]:
 def _registered(scheme) -> bool:
     """Whether a child can rebuild ``scheme``: one of ``functional.SCHEMES``, or an equal copy (the
     scheme of a copied or unpickled model)."""
-    known = functional.SCHEMES.get(scheme.bits)
+    known = functional.TABLE_SCHEMES.get(scheme.bits)
     return known is scheme or known == scheme
 
 
@@ -265,7 +265,7 @@ def _build_one(job_: dict) -> None:
     for i, arg in enumerate(job_["args"]):
         if "const" in arg:
             c = arg["const"]
-            consts[i] = functional.SCHEMES[c["scheme"]] if "scheme" in c else getattr(torch, c["dtype"])
+            consts[i] = functional.TABLE_SCHEMES[c["scheme"]] if "scheme" in c else getattr(torch, c["dtype"])
             continue
         shape = [job_["sizes"][d] if isinstance(d, str) else d for d in arg["shape"]]
         examples.append((torch.rand(shape, generator=gen) + 0.5).to(getattr(torch, arg["tensor"])))

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from paretoq.quant.config import QuantConfig
-from paretoq.quant.functional import (fake_quantize, group_label, group_width, init_scale, quantize_backward,
-                                      quantize_weight)
+from paretoq.quant.functional import (fake_quantize, fake_quantize_activation, group_label, group_width, init_scale,
+                                      quantize_backward, quantize_weight)
 
 
 SCALE_PARAM = "weight_clip_val"  # the scale's name, as in the reference (its checkpoints load as they are)
@@ -97,6 +97,8 @@ class QuantLinear(nn.Linear):
         return fake_quantize(self.weight, self.weight_clip_val, self.scheme, kernels=self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_config.a_bits == 8:  # 8-bit activations (off by default): the input, per token
+            x = fake_quantize_activation(x)
         dtype = compute_dtype(x)
         if self.cache_quantized_weight and self.training and not torch.is_inference_mode_enabled():
             return F.linear(x, self._cached_weight(dtype), self.bias)

@@ -33,10 +33,11 @@ from torch import nn
 
 from paretoq.errors import UserError
 from paretoq.quant.config import QuantConfig, QuantConfigError, parse_bits
-from paretoq.quant.functional import (SCALE_EPS, SCHEMES, Scheme, dequantize_codes, group_label, group_width,
-                                      quantize_codes)
+from paretoq.quant.functional import (SCALE_EPS, TABLE_SCHEMES, Scheme, dequantize_codes, fake_quantize_activation,
+                                      group_label, group_width, quantize_codes)
+from paretoq.quant.embedding import PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantTiedHead
 from paretoq.quant.linear import QuantLinear
-from paretoq.quant.swap import selected_linears, set_module
+from paretoq.quant.swap import selected_linears, set_module, table_modules
 from paretoq.quant.packing import CODE_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -97,11 +98,12 @@ class PackedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: float,
                  group_size: int | None = None, ternary_format: str = "2bit", scale_dtype=torch.float16,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, a_bits: int = 16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits = parse_bits(bits)
-        self.scheme = SCHEMES.get(self.bits)
+        self.a_bits = a_bits  # 8: the input is fake-quantized per token (8-bit activations), as in training
+        self.bits = parse_bits(bits, "bits", TABLE_SCHEMES)  # 8 only for an LM head (head_bits 8)
+        self.scheme = TABLE_SCHEMES.get(self.bits)
         if self.scheme is None:
             raise QuantConfigError(f"PackedLinear needs w_bits 1, 1.58, 2, 3 or 4, got {bits!r}")
         if group_size is not None and in_features % group_size:
@@ -126,12 +128,12 @@ class PackedLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, bits: float,
-                   group_size: int | None, ternary_format: str = "2bit") -> "PackedLinear":
+                   group_size: int | None, ternary_format: str = "2bit", a_bits: int = 16) -> "PackedLinear":
         """Pack ``codes`` (out, in) uint8 with ``scales`` (out, groups), kept in their dtype."""
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, bias=bias is not None, bits=bits, group_size=group_size,
                     ternary_format=ternary_format, scale_dtype=scales.dtype,
-                    dtype=None if bias is None else bias.dtype, device=codes.device)
+                    dtype=None if bias is None else bias.dtype, device=codes.device, a_bits=a_bits)
         if tuple(scales.shape) != tuple(layer.scales.shape):
             raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit a {out_features}×{in_features} "
                              f"weight with group_size {group_size}: expected {tuple(layer.scales.shape)}")
@@ -149,8 +151,8 @@ class PackedLinear(nn.Module):
         scales = q.weight_clip_val.detach().to(resolve_dtype(scale_dtype))
         codes = quantize_codes(q.weight.detach(), scales.float(), q.scheme)
         bias = None if q.bias is None else q.bias.detach().to(bias_dtype or q.bias.dtype)
-        return cls.from_codes(codes, scales, bias, bits=q.quant_config.w_bits, group_size=q.group_size,
-                              ternary_format=ternary_format)
+        return cls.from_codes(codes, scales, bias, bits=q.scheme.bits, group_size=q.group_size,
+                              ternary_format=ternary_format, a_bits=q.quant_config.a_bits)
 
     @torch.no_grad()
     def repacked(self, scale_dtype=None, ternary_format: str | None = None,
@@ -160,7 +162,7 @@ class PackedLinear(nn.Module):
         scales = self.scales if scale_dtype is None else self.scales.to(resolve_dtype(scale_dtype))
         bias = None if self.bias is None else self.bias.to(bias_dtype or self.bias.dtype)
         return type(self).from_codes(self.codes(), scales, bias, bits=self.bits, group_size=self.group_size,
-                                     ternary_format=fmt)
+                                     ternary_format=fmt, a_bits=self.a_bits)
 
     # -- reading the weight --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -173,6 +175,8 @@ class PackedLinear(nn.Module):
         return dequantize_codes(self.codes(), self.scales, self.scheme, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits == 8:
+            x = fake_quantize_activation(x)
         if self._kernel_applies(x):
             return self._kernel_forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -238,7 +242,7 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"w_bits={self.bits}, codes={self.code_format}, scales={dtype_name(self.scales.dtype)} "
-                f"{group_label(self.group_size)}")
+                f"{group_label(self.group_size)}" + (", a_bits=8" if self.a_bits == 8 else ""))
 
 
 # -- model surgery ---------------------------------------------------------------------------
@@ -278,8 +282,8 @@ def replace_with_packed(model: nn.Module, quant_config: QuantConfig | dict, *, s
         set_module(model, name, PackedLinear(
             linear.in_features, linear.out_features, bias=bias is not None, bits=quant_config.w_bits,
             group_size=quant_config.group_size, ternary_format=ternary_format, scale_dtype=scale_dtype,
-            dtype=None if bias is None else bias.dtype, device=linear.weight.device))
-    return [n for n, _ in targets]
+            dtype=None if bias is None else bias.dtype, device=linear.weight.device, a_bits=quant_config.a_bits))
+    return [n for n, _ in targets] + replace_tables_with_packed(model, quant_config, scale_dtype)
 
 
 def packed_quantization_config(quant_config: QuantConfig, scale_dtype, ternary_format: str) -> dict[str, Any]:
@@ -308,10 +312,55 @@ def pack_model(model: nn.Module, scale_dtype=torch.float16, ternary_format: str 
     """Convert every ``QuantLinear`` of ``model`` to a ``PackedLinear``, in place; returns their names."""
     qc = quant_config_of(model)
     names = []
+    tables = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             set_module(model, name, PackedLinear.from_quant_linear(module, scale_dtype, ternary_format))
             names.append(name)
+        elif isinstance(module, QuantEmbedding):
+            tables[module] = PackedEmbedding.from_quant_embedding(module, resolve_dtype(scale_dtype))
+            set_module(model, name, tables[module])
+            names.append(name)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantTiedHead):
+            set_module(model, name, PackedTiedHead(tables[module.source]))
+            _untie(model)
     if hasattr(model, "config"):
         model.config.quantization_config = packed_quantization_config(qc, scale_dtype, ternary_format)
     return names
+
+
+def _untie(model: nn.Module) -> None:
+    """Drop transformers' lm_head → embedding tie: a packed tied head owns no ``weight`` to tie (it reads
+    the packed embedding's Ŵ), and re-tying would look for an ``embed_tokens.weight`` that no longer exists."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.clear()
+
+
+def replace_tables_with_packed(model: nn.Module, quant_config: QuantConfig, scale_dtype) -> list[str]:
+    """Swap the embedding / LM head that ``embed_bits`` / ``head_bits`` quantize for empty packed modules
+    (``from_pretrained`` of a packed folder, before the buffers load); returns their names."""
+    emb_name, head_name, tied = table_modules(model, quant_config)
+    names = []
+    if emb_name is not None:
+        emb = model.get_submodule(emb_name)
+        packed = PackedEmbedding(emb.num_embeddings, emb.embedding_dim, bits=quant_config.embed_bits,
+                                 group_size=quant_config.embed_group_size,
+                                 padding_idx=emb.padding_idx, scale_dtype=scale_dtype, dtype=emb.weight.dtype,
+                                 device=emb.weight.device, a_bits=quant_config.a_bits)
+        set_module(model, emb_name, packed)
+        names.append(emb_name)
+        if tied:
+            set_module(model, head_name, PackedTiedHead(packed))
+            _untie(model)
+    if head_name is not None and not tied:
+        head = model.get_submodule(head_name)
+        bias = head.bias
+        set_module(model, head_name, PackedLinear(
+            head.in_features, head.out_features, bias=bias is not None, bits=quant_config.head_bits,
+            group_size=quant_config.head_group_size, scale_dtype=scale_dtype,
+            dtype=None if bias is None else bias.dtype, device=head.weight.device, a_bits=quant_config.a_bits))
+        names.append(head_name)
+    return names
+

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-BIT_WIDTHS = (1, 2, 3, 4)
+BIT_WIDTHS = (1, 2, 3, 4, 8)  # 8: one code per byte (8-bit embedding tables)
 TERNARY_CODES_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
 

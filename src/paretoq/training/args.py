@@ -41,6 +41,18 @@ class ModelArguments:
     qat: bool | None = field(default=None, metadata={"help": "accepted for ParetoQ/seed compatibility: QAT is on "
                                                               "whenever w_bits < 16"})
     scale_lr_multiplier: float = field(default=1.0, metadata={"help": "LR of the scales = learning_rate × this"})
+    # -- embedding table, LM head, activations (docs/formats.md "Quantized embeddings and LM head") --
+    embed_bits: str | None = field(default=None, metadata={
+        "help": "quantize the input embedding too: 1, 1.58, 2, 3, 4 or 8 (default 16 = off); on a tied model "
+                "(MiniCPM4, SmolLM2) the one shared matrix, used by the LM head as well"})
+    embed_group_size: int | None = field(default=None, metadata={
+        "help": "embedding columns per scale (e.g. 32: exact GGUF Q4_0 / Q8_0); default one scale per token row"})
+    head_bits: str | None = field(default=None, metadata={
+        "help": "quantize an untied LM head: 1, 1.58, 2, 3, 4 or 8 (default 16 = off; tied models: --embed_bits)"})
+    head_group_size: int | None = field(default=None, metadata={"help": "LM head input columns per scale"})
+    a_bits: int | None = field(default=None, metadata={
+        "help": "8 = fake-quantize each quantized layer's input per token to 8 bits (absmax, straight-through), "
+                "as llama.cpp and BitNet b1.58 run it; default 16 = off"})
     # -- quality recipe (docs/quality.md) --
     scale_init: str = field(default="reference", metadata={
         "help": "scale init: reference (ParetoQ closed form) | mse (per row/group search minimising ||W-Q(W)||^2) | "
@@ -113,8 +125,12 @@ class TrainConfig:
     quant: QuantConfig = field(init=False)
 
     def __post_init__(self):
-        self.quant = QuantConfig(w_bits=self.model.w_bits, group_size=self.model.group_size,
-                                 scale_init=self.model.scale_init)
+        m = self.model
+        self.quant = QuantConfig(w_bits=m.w_bits, group_size=m.group_size, scale_init=m.scale_init,
+                                 embed_bits=16 if m.embed_bits is None else m.embed_bits,
+                                 embed_group_size=m.embed_group_size,
+                                 head_bits=16 if m.head_bits is None else m.head_bits,
+                                 head_group_size=m.head_group_size, a_bits=16 if m.a_bits is None else m.a_bits)
 
     def seed_flag_notes(self) -> list[str]:
         """One line per seed flag given that has no effect here, saying what paretoq does instead."""

@@ -86,9 +86,8 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
         raise UserError(f"checkpoint {checkpoint}: {e}") from None
     if not have.same_layers(cfg.quant):
         raise UserError(
-            f"checkpoint {checkpoint} was trained with w_bits={have.w_bits} group_size={have.group_size}, "
-            f"but this run asks for w_bits={cfg.quant.w_bits} group_size={cfg.quant.group_size}: use another "
-            f"--output_dir or the same quantization flags")
+            f"checkpoint {checkpoint} was trained with {have.describe()}, but this run asks for "
+            f"{cfg.quant.describe()}: use another --output_dir or the same quantization flags")
 
 
 def checkpoint_progress(checkpoint: str, cfg: TrainConfig) -> tuple[int, int]:
