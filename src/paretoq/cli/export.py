@@ -29,8 +29,9 @@ def make_parser() -> ArgumentParser:
                    help="compressed-tensors: integer width of every layer (4 or 8 for vLLM's kernels); default: each "
                         "layer at its smallest exact width (int2 for 1 and 1.58 bits, int3 for 2 and 3, int4 for 4)")
     p.add_argument("--gguf_qtype", default=None,
-                   help="gguf: force one GGML type for every quantized layer (e.g. TQ1_0, TQ2_0, Q2_K, Q3_K, Q4_0); "
-                        "default: the first exact one per layer (docs/gguf.md)")
+                   help="gguf: GGML type(s) for the quantized layers, comma-separated, tried in order per layer "
+                        "(Q1_0, Q2_0, TQ2_0, TQ1_0, Q2_K, Q3_K, Q4_0; e.g. TQ2_0 or TQ2_0,Q4_0 for the CPU-only "
+                        "ternary type); default: the first exact one of Q1_0, Q2_0, Q2_K, Q3_K, Q4_0 (docs/gguf.md)")
     p.add_argument("--gguf_fallback", default="refuse", choices=("refuse", "f16"),
                    help="gguf: what to do with a layer no GGML type holds exactly: refuse (default) or write its "
                         "dequantized weight as F16")
@@ -64,7 +65,8 @@ def main(argv: list[str]) -> int:
     if args.format == "gguf":
         from paretoq.export.gguf import export_gguf
 
-        written = export_gguf(model, output, qtype=args.gguf_qtype, fallback=args.gguf_fallback,
+        qtype = None if args.gguf_qtype is None else tuple(t.strip() for t in args.gguf_qtype.split(",") if t.strip())
+        written = export_gguf(model, output, qtype=qtype, fallback=args.gguf_fallback,
                               float_type=args.gguf_float_type, tokenizer_pre=args.tokenizer_pre)
     elif args.format == "packed":
         from paretoq.export.packed import save_packed

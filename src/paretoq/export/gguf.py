@@ -5,14 +5,15 @@ Every ParetoQ level set is an integer grid, levels = step · k with small intege
 ==========  ======  ===============  ===========================================
 bits        step    k                GGML types that hold k (block, bits/weight)
 ==========  ======  ===============  ===========================================
-1           1       −1, +1           TQ2_0 (256, 2.06), TQ1_0 (256, 1.69), Q2_K, Q3_K, Q4_0
-1.58        2/3     −1, 0, +1        TQ2_0, TQ1_0, Q2_K (256, 2.63), Q3_K, Q4_0
+1           1       −1, +1           Q1_0 (128, 1.125), Q2_0 (64, 2.25), TQ2_0 (256, 2.06), TQ1_0 (256, 1.69),
+                                     Q2_K, Q3_K, Q4_0
+1.58        2/3     −1, 0, +1        Q2_0, TQ2_0, TQ1_0, Q2_K (256, 2.63), Q3_K, Q4_0
 2           1/4     −3, −1, +1, +3   Q2_K (d·(2q − 3)), Q4_0 (32, 4.5)
 3           1       −4 … 3           Q3_K (256, 3.44), Q4_0
 4           1       −8 … 7           Q4_0
 ==========  ======  ===============  ===========================================
 
-A GGML block stores one fp16 scale d per block of 32 (Q4_0) or 256 (the others) weights and the
+A GGML block stores one fp16 scale d per block of 32 (Q4_0), 64 (Q2_0), 128 (Q1_0) or 256 (the others) weights and the
 integers k. When our scale α̃ = max(α, 1e-5) is constant over each block — per-row scales with
 in_features a multiple of the block, or group_size a multiple of it — d = fp16(α̃ · step) and the
 block decodes to d · k = Ŵ up to the rounding of the scale to fp16 (relative error ≤ 2⁻¹¹, the
@@ -22,6 +23,10 @@ same for every weight of the block). Layers whose scales change inside a block a
 Block layouts (ggml's, as ``gguf.quants`` decodes them; within a block, element e):
 
 - Q4_0 (32 → 18 B): d | 16 B, byte j = u[j] | u[j + 16] << 4 with u = k + 8.
+- Q1_0 (128 → 18 B, ggml type 41): d | 16 B of sign bits, element e at bit e % 8 of byte e // 8, 1 for +d, 0 for −d.
+- Q2_0 (64 → 18 B, ggml type 42; gguf-py 0.19 lacks it, so its layout is written here from llama.cpp's
+  block_q2_0 / dequantize_row_q2_0): d | 16 B of 2-bit fields u = k + 1, element e at bits 2·(e % 4) of byte
+  e // 4; value d·(u − 1) ∈ {−d, 0, d, 2d}.
 - TQ2_0 (256 → 66 B): 64 B of 2-bit fields u = k + 1 (e = 128a + 32s + j sits in byte 32a + j at
   bit 2s — the "crumb" layout below) | d.
 - TQ1_0 (256 → 54 B): u = k + 1 as base-3 digits, 5 per byte (elements 0–159: e = 32i + j in byte j;
@@ -671,9 +676,10 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, output_path: str
             folder (loaded with ``paretoq.loading.load_model``; its tokenizer.json is used).
         output_path: the .gguf file (written to a temporary file first, renamed when complete).
         tokenizer: a fast transformers tokenizer or a folder/tokenizer.json (default: the model's folder).
-        qtype: the GGML type(s) for quantized layers, tried in order per layer: one of "TQ2_0", "TQ1_0", "Q2_K",
-            "Q3_K", "Q4_0" (every layer must take it) or a sequence of them; default ``AUTO_ORDER`` (TQ2_0, Q2_K,
-            Q3_K, Q4_0): per layer, the first that holds its levels exactly and whose block its scales fit.
+        qtype: the GGML type(s) for quantized layers, tried in order per layer: one of "Q1_0", "Q2_0", "TQ2_0",
+            "TQ1_0", "Q2_K", "Q3_K", "Q4_0" (every layer must take it) or a sequence of them; default ``AUTO_ORDER``
+            (Q1_0, Q2_0, Q2_K, Q3_K, Q4_0: types every llama.cpp backend runs): per layer, the first that holds its
+            levels exactly and whose block its scales fit.
         float_type: unquantized matrices (embeddings, untied output, plain Linear layers): "f16" (default),
             "f32", "bf16" or "q8_0" (smaller, approximate). Norms, biases and RoPE factors are F32.
         fallback: "refuse" (default: ``UserError`` for a layer no block type holds exactly) or "f16"
