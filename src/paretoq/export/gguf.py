@@ -5,14 +5,15 @@ Every ParetoQ level set is an integer grid, levels = step · k with small intege
 ==========  ======  ===============  ===========================================
 bits        step    k                GGML types that hold k (block, bits/weight)
 ==========  ======  ===============  ===========================================
-1           1       −1, +1           TQ2_0 (256, 2.06), TQ1_0 (256, 1.69), Q2_K, Q3_K, Q4_0
-1.58        2/3     −1, 0, +1        TQ2_0, TQ1_0, Q2_K (256, 2.63), Q3_K, Q4_0
+1           1       −1, +1           Q1_0 (128, 1.125), Q2_0 (64, 2.25), TQ2_0 (256, 2.06), TQ1_0 (256, 1.69),
+                                     Q2_K, Q3_K, Q4_0
+1.58        2/3     −1, 0, +1        Q2_0, TQ2_0, TQ1_0, Q2_K (256, 2.63), Q3_K, Q4_0
 2           1/4     −3, −1, +1, +3   Q2_K (d·(2q − 3)), Q4_0 (32, 4.5)
 3           1       −4 … 3           Q3_K (256, 3.44), Q4_0
 4           1       −8 … 7           Q4_0
 ==========  ======  ===============  ===========================================
 
-A GGML block stores one fp16 scale d per block of 32 (Q4_0) or 256 (the others) weights and the
+A GGML block stores one fp16 scale d per block of 32 (Q4_0), 64 (Q2_0), 128 (Q1_0) or 256 (the others) weights and the
 integers k. When our scale α̃ = max(α, 1e-5) is constant over each block — per-row scales with
 in_features a multiple of the block, or group_size a multiple of it — d = fp16(α̃ · step) and the
 block decodes to d · k = Ŵ up to the rounding of the scale to fp16 (relative error ≤ 2⁻¹¹, the
@@ -22,6 +23,10 @@ same for every weight of the block). Layers whose scales change inside a block a
 Block layouts (ggml's, as ``gguf.quants`` decodes them; within a block, element e):
 
 - Q4_0 (32 → 18 B): d | 16 B, byte j = u[j] | u[j + 16] << 4 with u = k + 8.
+- Q1_0 (128 → 18 B, ggml type 41): d | 16 B of sign bits, element e at bit e % 8 of byte e // 8, 1 for +d, 0 for −d.
+- Q2_0 (64 → 18 B, ggml type 42; gguf-py 0.19 lacks it, so its layout is written here from llama.cpp's
+  block_q2_0 / dequantize_row_q2_0): d | 16 B of 2-bit fields u = k + 1, element e at bits 2·(e % 4) of byte
+  e // 4; value d·(u − 1) ∈ {−d, 0, d, 2d}.
 - TQ2_0 (256 → 66 B): 64 B of 2-bit fields u = k + 1 (e = 128a + 32s + j sits in byte 32a + j at
   bit 2s — the "crumb" layout below) | d.
 - TQ1_0 (256 → 54 B): u = k + 1 as base-3 digits, 5 per byte (elements 0–159: e = 32i + j in byte j;
@@ -63,7 +68,7 @@ from torch import nn
 
 from paretoq.errors import UserError
 from paretoq.files import atomic_file
-from paretoq.quant.functional import SCALE_EPS, quantize_codes
+from paretoq.export.integers import LayerIntegers, layer_integers
 
 logger = logging.getLogger(__name__)
 
@@ -145,21 +150,43 @@ def _encode_q3_k(k: np.ndarray, d: np.ndarray, _grid) -> np.ndarray:
     return np.concatenate([hmask, _crumbs(u & 3), np.broadcast_to(_Q3_K_UNIT_SCALES, (n, 12)), _f16_bytes(d)], axis=1)
 
 
+def _encode_q1_0(k: np.ndarray, d: np.ndarray, _grid) -> np.ndarray:
+    """Q1_0 (128 → 18 B): d | 16 B of sign bits, element e in byte e // 8 at bit e % 8, set for +d, clear for −d."""
+    bits = (k > 0).astype(np.uint8).reshape(-1, 16, 8) << np.arange(8, dtype=np.uint8)
+    return np.concatenate([_f16_bytes(d), np.bitwise_or.reduce(bits, axis=2)], axis=1)
+
+
+def _encode_q2_0(k: np.ndarray, d: np.ndarray, _grid) -> np.ndarray:
+    """Q2_0 (64 → 18 B): d | 16 B of 2-bit fields u = k + 1 (value d·(u − 1) ∈ {−d, 0, d, 2d}), element e in
+    byte e // 4 at bits 2·(e % 4)."""
+    u = (k + 1).astype(np.uint8).reshape(-1, 16, 4) << (2 * np.arange(4, dtype=np.uint8))
+    return np.concatenate([_f16_bytes(d), np.bitwise_or.reduce(u, axis=2)], axis=1)
+
+
 @dataclass(frozen=True)
 class BlockType:
     """A GGML type that stores d · k per block: which integer sets k it holds and how it packs them."""
 
     name: str
+    type_id: int  # ggml's enum ggml_type
     block: int
-    bits_per_weight: float
+    type_size: int  # bytes per block
     holds: Callable[[tuple[int, ...]], bool]
     encode: Callable[[np.ndarray, np.ndarray, tuple[int, ...]], np.ndarray]
 
     @property
+    def bits_per_weight(self) -> float:
+        return self.type_size * 8 / self.block
+
+    @property
     def qtype(self):
+        """gguf-py's GGMLQuantizationType member, or the bare type id where gguf-py has none (Q2_0 in 0.19)."""
         from gguf import GGMLQuantizationType
 
-        return GGMLQuantizationType[self.name]
+        try:
+            return GGMLQuantizationType(self.type_id)
+        except ValueError:
+            return self.type_id
 
 
 def _within(lo: int, hi: int) -> Callable[[tuple[int, ...]], bool]:
@@ -167,82 +194,167 @@ def _within(lo: int, hi: int) -> Callable[[tuple[int, ...]], bool]:
 
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
-    BlockType("TQ2_0", 256, 66 * 8 / 256, _within(-1, 1), _encode_tq2_0),
-    BlockType("TQ1_0", 256, 54 * 8 / 256, _within(-1, 1), _encode_tq1_0),
-    BlockType("Q2_K", 256, 84 * 8 / 256, lambda grid: _q2_k_affine(grid) is not None, _encode_q2_k),
-    BlockType("Q3_K", 256, 110 * 8 / 256, _within(-4, 3), _encode_q3_k),
-    BlockType("Q4_0", 32, 18 * 8 / 32, _within(-8, 7), _encode_q4_0),
+    BlockType("Q1_0", 41, 128, 18, lambda grid: set(grid) <= {-1, 1}, _encode_q1_0),
+    BlockType("Q2_0", 42, 64, 18, _within(-1, 2), _encode_q2_0),
+    BlockType("TQ2_0", 35, 256, 66, _within(-1, 1), _encode_tq2_0),
+    BlockType("TQ1_0", 34, 256, 54, _within(-1, 1), _encode_tq1_0),
+    BlockType("Q2_K", 10, 256, 84, lambda grid: _q2_k_affine(grid) is not None, _encode_q2_k),
+    BlockType("Q3_K", 11, 256, 110, _within(-4, 3), _encode_q3_k),
+    BlockType("Q4_0", 2, 32, 18, _within(-8, 7), _encode_q4_0),
 )}
+# Automatic choice: the first type that holds the tensor's integers and whose block its scales fit. Every
+# type in it has kernels on each llama.cpp backend (CPU, CUDA, Metal, ...); TQ2_0 / TQ1_0 (CPU only in
+# mainline llama.cpp) are written only when asked for: qtype="TQ2_0" (strict) or qtype=("TQ2_0", *AUTO_ORDER).
+AUTO_ORDER = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "Q4_0")
+
+
 # Embedding table and LM head (embed_bits / head_bits): types every llama.cpp backend reads rows of
 # (get_rows) and multiplies by. Q8_0 (32 → 34 B: d | 32 int8) holds the 8-bit grid −128…127 exactly.
 def _encode_q8_0(k: np.ndarray, d: np.ndarray, _grid) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), k.astype(np.int8).view(np.uint8)], axis=1)
 
 
-TABLE_ORDER = (BLOCK_TYPES["Q4_0"], BlockType("Q8_0", 32, 34 * 8 / 32, _within(-128, 127), _encode_q8_0))
+BLOCK_TYPES["Q8_0"] = BlockType("Q8_0", 8, 32, 34, _within(-128, 127), _encode_q8_0)
+TABLE_ORDER = ("Q4_0", "Q8_0")  # the embedding / LM head: the first that holds the table's integers exactly
 
-# Automatic choice: the first type that holds the layer's integers and whose block fits its scales.
-# TQ2_0 comes before the smaller TQ1_0 because llama.cpp decodes it faster (benchmarks/RESULTS.md);
-# ask for TQ1_0 with qtype="TQ1_0" (strict) or qtype=("TQ1_0", *AUTO_ORDER).
-AUTO_ORDER = ("TQ2_0", "Q2_K", "Q3_K", "Q4_0")
+
+_TYPE_NAMES = {bt.type_id: bt.name for bt in BLOCK_TYPES.values()}
+
+
+def _decode_q1_0(raw: np.ndarray) -> np.ndarray:
+    """(n, 18) Q1_0 blocks → (n, 128) float32, as llama.cpp's dequantize_row_q1_0 defines them."""
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)
+    bits = (raw[:, 2:, None] >> np.arange(8, dtype=np.uint8)) & 1
+    return np.where(bits.reshape(-1, 128) == 1, d, -d)
+
+
+def _decode_q2_0(raw: np.ndarray) -> np.ndarray:
+    """(n, 18) Q2_0 blocks → (n, 64) float32: d · (u − 1)."""
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)
+    u = (raw[:, 2:, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3
+    return (u.reshape(-1, 64).astype(np.float32) - 1) * d
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: name, GGML type name (or "type N"), shape (rows first), raw bytes."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values; Q1_0 / Q2_0 decoded here (gguf-py 0.19 has no decoder for them), the rest by
+        gguf-py."""
+        import gguf
+
+        decoders = {"Q1_0": (_decode_q1_0, 18), "Q2_0": (_decode_q2_0, 18)}
+        if self.type_name in decoders:
+            decode, size = decoders[self.type_name]
+            return decode(self.data.reshape(-1, size)).reshape(self.shape)
+        qtype = gguf.GGMLQuantizationType[self.type_name]
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return self.data.view(np.float32 if qtype.name == "F32" else np.float16).astype(np.float32).reshape(self.shape)
+        return gguf.quants.dequantize(self.data, qtype).reshape(self.shape)
+
+
+def read_gguf_tensors(path: str | os.PathLike) -> dict[str, GGUFTensor]:
+    """The tensors of a GGUF file by name, read with a small parser of the GGUF v3 layout (header, key-value
+    pairs skipped, tensor infos, aligned data) because gguf-py 0.19's GGUFReader refuses files holding a type it
+    does not know (Q2_0)."""
+    import gguf
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        value = np.frombuffer(data, dtype=np.dtype(fmt).newbyteorder("<"), count=1, offset=pos)[0]
+        pos += np.dtype(fmt).itemsize
+        return value.item()
+
+    def string() -> str:
+        nonlocal pos
+        n = take("u8")
+        pos += n
+        return bytes(data[pos - n:pos]).decode("utf-8")
+
+    scalar = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "u1", 10: "u8", 11: "i8", 12: "f8"}
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            item, n = take("u4"), take("u8")
+            if item in scalar:  # skip arrays of numbers in one step
+                pos += n * np.dtype(scalar[item]).itemsize
+                return None
+            return [value(item) for _ in range(n)]
+        return take(scalar[vtype])
+
+    if bytes(data[:4]) != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file")
+    pos = 4
+    take("u4")  # version
+    n_tensors, n_kv = take("u8"), take("u8")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("u4"))
+        if key == "general.alignment":
+            alignment = int(v)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("u8") for _ in range(take("u4"))]
+        type_id, offset = take("u4"), take("u8")
+        infos.append((name, tuple(reversed(dims)), type_id, offset))
+    start = -(-pos // alignment) * alignment
+    out = {}
+    for name, shape, type_id, offset in infos:
+        try:
+            type_name = gguf.GGMLQuantizationType(type_id).name
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+        except ValueError:
+            type_name = _TYPE_NAMES.get(type_id, f"type {type_id}")
+            if type_name not in BLOCK_TYPES:
+                raise UserError(f"{path}: tensor {name} has GGML type {type_id}, which this reader does not know")
+            block, size = BLOCK_TYPES[type_name].block, BLOCK_TYPES[type_name].type_size
+        n_bytes = math.prod(shape) // block * size
+        out[name] = GGUFTensor(name, type_name, shape, data[start + offset:start + offset + n_bytes])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # One linear layer: integers and scales (quantized) or a float weight
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Quantized:
-    """k (out, in) int8 and the per-row / per-group scale s = α̃ · step (out, groups), float64."""
-
-    k: torch.Tensor
-    scale: torch.Tensor
-    grid: tuple[int, ...]
-    bits: float
-
-    def permute_rows(self, perm: torch.Tensor) -> "_Quantized":
-        return _Quantized(self.k[perm], self.scale[perm], self.grid, self.bits)
-
-
-def _quantized(module: nn.Module) -> _Quantized | None:
-    """The integers and scales of a QuantLinear (or of a packed layer exposing ``codes()``), else None."""
-    scheme = getattr(module, "scheme", None)
-    if scheme is None:
-        return None
-    if hasattr(module, "weight_clip_val"):  # QuantLinear: codes of the fake-quantized latent weight
-        weight, alpha = module.weight.detach().float(), module.weight_clip_val.detach().float()
-        codes = quantize_codes(weight, alpha, scheme)
-    elif callable(getattr(module, "codes", None)) and getattr(module, "scales", None) is not None:
-        weight, alpha = None, module.scales.detach().float()
-        codes = module.codes()
-    else:
-        return None
-    step, grid = scheme.integer_grid
-    k = torch.tensor(grid, dtype=torch.int8)[codes.long()]
-    if weight is not None and 0 not in grid and float(scheme.quantize(torch.zeros(1))) == 0.0:
-        # fake-quant binary gives sign(0) = 0 for weights that are exactly zero; GGUF can store it
-        zero = weight == 0
-        if zero.any():
-            k = torch.where(zero, torch.zeros_like(k), k)
-            grid = tuple(sorted({*grid, 0}))
-    scale = alpha.double().clamp_min(SCALE_EPS) * step
-    return _Quantized(k, scale, grid, scheme.bits)
-
-
-def _aligned(q: _Quantized, block: int) -> bool:
+def _aligned(q: LayerIntegers, block: int) -> bool:
     n, groups = q.k.shape[1], q.scale.shape[1]
     return n % block == 0 and (n // groups) % block == 0
 
 
-def _choose(name: str, q: _Quantized, order: tuple[str, ...], fallback: str) -> BlockType | None:
-    """The block type for one quantized layer: the first of ``order`` that holds its integers and whose
-    block its scales fit; None = write Ŵ as F16 (``fallback="f16"``); ``UserError`` if refused."""
-    n, groups = q.k.shape[1], q.scale.shape[1]
-    scales = "per-row scales" if groups == 1 else f"group_size {n // groups}"
+def ggml_type_for(q: LayerIntegers, order: tuple[str, ...] = AUTO_ORDER) -> BlockType | None:
+    """The GGML block type for one tensor, from its own integers and scale groups: the first of ``order`` that
+    holds every integer of ``q.grid`` and whose block the scales fit (constant over each block); None if none
+    does. Any tensor with its own bits / group size (per-layer bits, a quantized embedding) gets its type here."""
     for candidate in order:
         bt = BLOCK_TYPES[candidate]
         if bt.holds(q.grid) and _aligned(q, bt.block):
             return bt
+    return None
+
+
+def _choose(name: str, q: LayerIntegers, order: tuple[str, ...], fallback: str) -> BlockType | None:
+    """``ggml_type_for`` with the refusal: None = write Ŵ as F16 (``fallback="f16"``); ``UserError`` if
+    refused."""
+    n, groups = q.k.shape[1], q.scale.shape[1]
+    scales = "per-row scales" if groups == 1 else f"group_size {n // groups}"
+    bt = ggml_type_for(q, order)
+    if bt is not None:
+        return bt
     if fallback == "f16":
         return None
     if order != AUTO_ORDER and len(order) == 1:
@@ -252,11 +364,11 @@ def _choose(name: str, q: _Quantized, order: tuple[str, ...], fallback: str) -> 
                f"multiples of {bt.block}")
         raise UserError(f"GGUF export: layer {name}: {why}; omit qtype (--gguf_qtype) to let paretoq choose, or pass fallback='f16' (--gguf_fallback f16)")
     raise UserError(f"GGUF export: layer {name} ({q.bits}-bit, {scales}, in_features {n}) fits none of "
-                    f"{', '.join(order)} exactly: the scale must be constant over blocks of 32 (Q4_0) or 256 "
-                    "(TQ/K types); train with group_size a multiple of 32 (or per-row scales), or pass fallback='f16' (--gguf_fallback f16)")
+                    f"{', '.join(order)} exactly: the scale must be constant over blocks of 32 (Q4_0), 64 (Q2_0), 128 "
+                    "(Q1_0) or 256 (TQ/K types); train with group_size a multiple of 32 (or per-row scales), or pass fallback='f16' (--gguf_fallback f16)")
 
 
-def _encode(q: _Quantized, bt: BlockType) -> tuple[np.ndarray, float]:
+def _encode(q: LayerIntegers, bt: BlockType) -> tuple[np.ndarray, float]:
     """(bytes (out, n/block·type_size) uint8, max relative rounding of the scales to fp16)."""
     out, n = q.k.shape
     per_group = n // q.scale.shape[1]
@@ -464,46 +576,47 @@ class _Writer:
             self.writer.add_tensor(name, gguf.quants.quantize(arr, gtype), raw_dtype=gtype)
         self.records.append(_TensorRecord(name, ftype.upper(), tuple(arr.shape)))
 
+    def integers(self, name: str, q: LayerIntegers, source: str, order: tuple[str, ...] | None = None) -> None:
+        """A quantized matrix (integers k and scales) in the GGML type ``ggml_type_for`` picks from its own grid
+        and scale groups (``order``: default the export's), or refused / F16 Ŵ per ``fallback``."""
+        bt = _choose(source, q, order or self.order, self.fallback)
+        if bt is None:
+            self.float_matrix(name, q.dequantized().float(), "f16")
+            self.records[-1].bits = q.bits
+            return
+        blocks, rounding = _encode(q, bt)
+        if type(bt.qtype) is int:
+            # a type gguf-py does not know (Q2_0 in gguf 0.19): the bytes as int8 (so that gguf-py keeps the
+            # shape given instead of converting a byte shape), the element shape and ggml's type id
+            self.writer.add_tensor(name, blocks.view(np.int8), raw_shape=tuple(q.k.shape), raw_dtype=bt.type_id)
+        else:
+            self.writer.add_tensor(name, blocks, raw_dtype=bt.qtype)
+        self.records.append(_TensorRecord(name, bt.name, tuple(q.k.shape), q.bits, rounding))
+
     def table(self, name: str, module: nn.Module, source: str) -> None:
         """A quantized embedding / LM head (``name`` without ".weight") as Q4_0 (levels within −8…7) or Q8_0,
         exact up to the fp16 rounding of the scales; else refused, or Ŵ as F16 with ``fallback="f16"``."""
-        q = _quantized(module)
+        q = layer_integers(module)
         n, groups = q.k.shape[1], q.scale.shape[1]
-        bt = next((t for t in TABLE_ORDER if t.holds(q.grid) and _aligned(q, t.block)), None)
-        if bt is None and self.fallback != "f16":
+        if ggml_type_for(q, TABLE_ORDER) is None and self.fallback != "f16":
             raise UserError(f"GGUF export: {source} ({q.bits}-bit, {'per-row scales' if groups == 1 else f'group_size {n // groups}'}, "
                             f"width {n}) fits neither Q4_0 nor Q8_0 exactly: the scale must be constant over blocks "
                             "of 32; quantize it with a group size that is a multiple of 32 (--embed_group_size / "
                             "--head_group_size 32), or pass fallback='f16' (--gguf_fallback f16)")
-        if bt is None:
-            w = (q.k.double() * q.scale.repeat_interleave(n // groups, dim=1)).float()
-            self.float_matrix(f"{name}.weight", w, "f16")
-            self.records[-1].bits = q.bits
-            return
-        blocks, rounding = _encode(q, bt)
-        self.writer.add_tensor(f"{name}.weight", blocks, raw_dtype=bt.qtype)
-        self.records.append(_TensorRecord(f"{name}.weight", bt.name, tuple(q.k.shape), q.bits, rounding))
+        self.integers(f"{name}.weight", q, source, TABLE_ORDER)
 
     def linear(self, name: str, module: nn.Linear, heads: int | None = None, source: str | None = None) -> None:
         """A Linear weight (``name`` without ".weight") and its bias; ``heads``: permute rows for RoPE;
         ``source``: the module's name in the model, for messages."""
         perm = None if heads is None else _heads_interleaved(module.out_features, heads)
-        q = _quantized(module)
+        q = layer_integers(module)
         if q is None:
             weight = module.weight.detach()
             self.float_matrix(f"{name}.weight", weight if perm is None else weight[perm])
         else:
             if perm is not None:
                 q = q.permute_rows(perm)
-            bt = _choose(source or name, q, self.order, self.fallback)
-            if bt is None:
-                w = (q.k.double() * q.scale.repeat_interleave(q.k.shape[1] // q.scale.shape[1], dim=1)).float()
-                self.float_matrix(f"{name}.weight", w, "f16")
-                self.records[-1].bits = q.bits
-            else:
-                blocks, rounding = _encode(q, bt)
-                self.writer.add_tensor(f"{name}.weight", blocks, raw_dtype=bt.qtype)
-                self.records.append(_TensorRecord(f"{name}.weight", bt.name, tuple(q.k.shape), q.bits, rounding))
+            self.integers(f"{name}.weight", q, source or name)
         bias = getattr(module, "bias", None)
         if bias is not None:
             self.f32(f"{name}.bias", bias if perm is None else bias.detach()[perm])
@@ -545,7 +658,8 @@ def _file_type(records: list[_TensorRecord]):
     """general.file_type: the type holding most of the matrix weights."""
     from gguf import LlamaFileType
 
-    mapping = {"Q4_0": LlamaFileType.MOSTLY_Q4_0, "TQ1_0": LlamaFileType.MOSTLY_TQ1_0,
+    mapping = {"Q1_0": 40, "Q2_0": 41,  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q1_0 / _Q2_0 (gguf-py 0.19 lacks Q2_0)
+               "Q4_0": LlamaFileType.MOSTLY_Q4_0, "TQ1_0": LlamaFileType.MOSTLY_TQ1_0,
                "TQ2_0": LlamaFileType.MOSTLY_TQ2_0, "Q2_K": LlamaFileType.MOSTLY_Q2_K,
                "Q3_K": LlamaFileType.MOSTLY_Q3_K_S, "F16": LlamaFileType.MOSTLY_F16,
                "BF16": LlamaFileType.MOSTLY_BF16, "Q8_0": LlamaFileType.MOSTLY_Q8_0, "F32": LlamaFileType.ALL_F32}
@@ -584,9 +698,10 @@ def export_gguf(model_or_folder: nn.Module | str | os.PathLike, output_path: str
             folder (loaded with ``paretoq.loading.load_model``; its tokenizer.json is used).
         output_path: the .gguf file (written to a temporary file first, renamed when complete).
         tokenizer: a fast transformers tokenizer or a folder/tokenizer.json (default: the model's folder).
-        qtype: the GGML type(s) for quantized layers, tried in order per layer: one of "TQ2_0", "TQ1_0", "Q2_K",
-            "Q3_K", "Q4_0" (every layer must take it) or a sequence of them; default ``AUTO_ORDER`` (TQ2_0, Q2_K,
-            Q3_K, Q4_0): per layer, the first that holds its levels exactly and whose block its scales fit.
+        qtype: the GGML type(s) for quantized layers, tried in order per layer: one of "Q1_0", "Q2_0", "TQ2_0",
+            "TQ1_0", "Q2_K", "Q3_K", "Q4_0" (every layer must take it) or a sequence of them; default ``AUTO_ORDER``
+            (Q1_0, Q2_0, Q2_K, Q3_K, Q4_0: types every llama.cpp backend runs): per layer, the first that holds its
+            levels exactly and whose block its scales fit.
         float_type: unquantized matrices (embeddings, untied output, plain Linear layers): "f16" (default),
             "f32", "bf16" or "q8_0" (smaller, approximate). Norms, biases and RoPE factors are F32.
         fallback: "refuse" (default: ``UserError`` for a layer no block type holds exactly) or "f16"
@@ -688,7 +803,7 @@ def _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir
         consumed.update(id(p) for p in module.parameters())
         return module
 
-    if _quantized(base.embed_tokens) is not None:  # embed_bits: Q4_0 / Q8_0 (Writer.table)
+    if layer_integers(base.embed_tokens) is not None:  # embed_bits: Q4_0 / Q8_0 (Writer.table)
         w.table("token_embd", take(base.embed_tokens), "model.embed_tokens")
     else:
         w.float_matrix("token_embd.weight", take(base.embed_tokens).weight)
@@ -697,7 +812,7 @@ def _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir
     tied = lm_head is not None and (getattr(lm_head, "source", None) is base.embed_tokens
                                     or getattr(lm_head, "weight", None) is getattr(base.embed_tokens, "weight", 0))
     if lm_head is not None and not tied:
-        quantized_head = _quantized(take(lm_head)) is not None
+        quantized_head = layer_integers(take(lm_head)) is not None
         if not (isinstance(lm_head, nn.Linear) or quantized_head):
             raise UserError(f"GGUF export: lm_head is a {type(lm_head).__name__}, not a Linear layer")
         if quantized_head and getattr(getattr(lm_head, "quant_config", None), "head_bits", 8) != 16:
@@ -712,7 +827,7 @@ def _write_model(writer, model, config, arch, base, layers, tokenizer, model_dir
             if gguf_name.endswith("_norm"):
                 w.f32(f"blk.{i}.{gguf_name}.weight", module.weight)
                 continue
-            if not (isinstance(module, nn.Linear) or _quantized(module) is not None):
+            if not (isinstance(module, nn.Linear) or layer_integers(module) is not None):
                 raise UserError(f"GGUF export: model.layers.{i}.{path} is a {type(module).__name__}, which GGUF "
                                 "export cannot read; export the fake-quant folder instead")
             heads = {"attn_q": n_head, "attn_k": n_kv}.get(gguf_name)
