@@ -25,6 +25,7 @@ class QuantReport:
     layers: list[str] = field(default_factory=list)
     quantized_params: int = 0
     total_params: int = 0
+    mixed: str | None = None  # QuantConfig.describe() of a config with per-layer overrides
 
     @property
     def num_layers(self) -> int:
@@ -35,7 +36,8 @@ class QuantReport:
         return self.quantized_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
-        return (f"quantized {self.num_layers} Linear layers to {self.w_bits} bits ({group_label(self.group_size)}): "
+        what = self.mixed or f"{self.w_bits} bits ({group_label(self.group_size)})"
+        return (f"quantized {self.num_layers} Linear layers to {what}: "
                 f"{self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
 
 
@@ -71,7 +73,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     either way, ∂L/∂α to summation order.
     """
     report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
-                         total_params=sum(p.numel() for p in model.parameters()))
+                         total_params=sum(p.numel() for p in model.parameters()),
+                         mixed=config.describe() if config.mixed else None)
     if not config.enabled:
         return report
     set_kernels([], kernels)  # a bad choice fails before the model changes
@@ -88,7 +91,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
         stats = scale_init_lib.calibration_statistics(model, dict(targets), config.scale_init, calibration_data)
     swapped = {}
     for name, linear in targets:
-        swapped[name] = QuantLinear.from_linear(linear, config, name=name, init=init_scales)
+        swapped[name] = QuantLinear.from_linear(linear, config.for_layer(name), name=name, init=init_scales)
         set_module(model, name, swapped[name])
         report.layers.append(name)
         report.quantized_params += linear.weight.numel()

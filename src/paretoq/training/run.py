@@ -84,9 +84,14 @@ def check_checkpoint_matches(checkpoint: str, cfg: TrainConfig) -> None:
         raise UserError(f"checkpoint {checkpoint}: {e}") from None
     if not have.same_layers(cfg.quant):
         raise UserError(
-            f"checkpoint {checkpoint} was trained with w_bits={have.w_bits} group_size={have.group_size}, "
-            f"but this run asks for w_bits={cfg.quant.w_bits} group_size={cfg.quant.group_size}: use another "
+            f"checkpoint {checkpoint} was trained with {_layers_label(have)}, "
+            f"but this run asks for {_layers_label(cfg.quant)}: use another "
             f"--output_dir or the same quantization flags")
+
+
+def _layers_label(q: QuantConfig) -> str:
+    label = f"w_bits={q.w_bits} group_size={q.group_size}"
+    return label if not q.overrides else f"{label} and {len(q.overrides)} per-layer override(s)"
 
 
 def checkpoint_progress(checkpoint: str, cfg: TrainConfig) -> tuple[int, int]:
@@ -151,7 +156,7 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled else "eager"  # the model's, not a global switch
     if kernels == "fused" and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
-        kernels = fused.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
+        kernels = fused.prebuild(cfg.quant.schemes(), torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
                                  else torch.float32) or "eager"  # (None: not buildable, warned)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
@@ -200,6 +205,6 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     final_dir = cfg.final_model_dir
     publish_model(trainer, tokenizer, final_dir)  # files moved in complete, config.json last
     if args.should_save:
-        what = f"{cfg.quant.w_bits}-bit fake-quant model" if cfg.quant.enabled else "model (not quantized)"
+        what = f"{cfg.quant.describe()} fake-quant model" if cfg.quant.enabled else "model (not quantized)"
         logger.info("final %s: %s", what, final_dir)
     return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": sum(isinstance(m, QuantLinear) for m in model.modules())}
