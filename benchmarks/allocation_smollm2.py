@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from harness import add_common_args, machine, set_threads
+from harness import add_common_args, append_results, command, machine, set_threads
 
 CACHE = Path(os.environ.get("PARETOQ_ALLOC_CACHE", "/tmp/alloc/cache"))
 BLOCK = 256
@@ -60,6 +60,11 @@ def setup():
     train_blocks = load_blocks(train, tok, BLOCK, CACHE / "blocks")
     eval_blocks = load_blocks(evalf, tok, BLOCK, CACHE / "blocks")
     return folder, train, evalf, calibration_blocks(train_blocks, 16, 0), eval_blocks
+
+
+def eval_subset(a, eval_blocks):
+    """The first ``--eval_blocks`` held-out blocks (all by default)."""
+    return eval_blocks if not a.eval_blocks else eval_blocks[:a.eval_blocks]
 
 
 @torch.no_grad()
@@ -106,9 +111,11 @@ def run_rtn(a) -> None:
     from paretoq.quant import QuantConfig, quantize_model
 
     folder, _, _, calib, eval_blocks = setup()
+    eval_blocks = eval_subset(a, eval_blocks)
     if "fp" not in a.skip:
         record(a.results, {"exp": "rtn", "config": "fp", "init": "-",
-                           "ppl": perplexity(load_model(folder, dtype=torch.float32), eval_blocks)})
+                           "ppl": perplexity(load_model(folder, dtype=torch.float32), eval_blocks),
+                           "eval_tokens": eval_blocks[:, 1:].numel()})
     for init in a.inits:
         sens = sensitivity(a, init)
         configs = [(f"uniform {b}", QuantConfig(w_bits=b, scale_init=init)) for b in a.uniform]
@@ -122,7 +129,7 @@ def run_rtn(a) -> None:
             t_init = time.perf_counter() - t
             row = {"exp": "rtn", "config": name, "init": init, "bits_per_weight": bits_of(config, model),
                    "ppl": perplexity(model, eval_blocks), "init_seconds": round(t_init, 1),
-                   "overrides": len(config.overrides)}
+                   "overrides": len(config.overrides), "eval_tokens": eval_blocks[:, 1:].numel()}
             if name.startswith("mix"):
                 from collections import Counter
 
@@ -248,7 +255,12 @@ def report(a) -> None:
     if qat:
         out += ["", "| 30-step QAT (gptq init) | packed bits/weight | perplexity |", "|---|---:|---:|"]
         out += [f"| {r['config']} | {r['packed_bits_per_weight']:.3f} | {r['ppl']:.2f} |" for r in qat]
-    print("\n".join(out))
+    if a.results_md:
+        append_results("Pareto allocation on SmolLM2-135M (allocation_smollm2.py)", command("allocation_smollm2.py"), out,
+                       note="rows measured over several runs on a shared 2-core machine; each JSON line in "
+                            f"{a.results} carries its own date and load")
+    else:
+        print("\n".join(out))
 
 
 def _same_order(rows) -> bool:
@@ -289,6 +301,8 @@ def main() -> None:
     p.add_argument("--qat_budget", type=float, default=2.5)
     p.add_argument("--qat_plans", default="uniform 3,mix")
     p.add_argument("--workdir", default="/tmp/alloc/qat")
+    p.add_argument("--eval_blocks", type=int, default=0, help="rtn: evaluate on the first N held-out blocks (0 = all)")
+    p.add_argument("--results_md", action="store_true", help="report: write the tables to benchmarks/RESULTS.md")
     add_common_args(p, threads=1, append=False)
     a = p.parse_args()
     a.inits = [s for s in a.inits.split(",") if s]

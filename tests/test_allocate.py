@@ -279,7 +279,7 @@ def test_first_order_term_is_the_directional_derivative(wrong):
     q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
     if wrong:  # q_proj's and o_proj's perturbations (same shape) swapped: each scored at the other's hook
         scored[q], scored[o] = deltas[o], deltas[q]
-    sens = measure_sensitivity(model, ids, [Candidate(2)], deltas=scored, batch_size=4)
+    sens = measure_sensitivity(model, ids, [Candidate(2)], deltas=scored, batch_size=4, dtype=torch.float32)
     ok = {}
     for li, name in enumerate(sens.layers):
         w = model.get_submodule(name).weight.detach().clone()
@@ -298,14 +298,18 @@ def test_fisher_term_grows_with_the_weight_error():
     cands = [Candidate(1.58), Candidate(4)]
     weights = candidate_weights(model, names, cands, "reference")
     d = {n: [weights[n][k] - model.get_submodule(n).weight.detach() for k in range(2)] for n in names}
-    one = measure_sensitivity(model, ids, cands, deltas=d, batch_size=4)
-    two = measure_sensitivity(model, ids, cands, deltas={n: [2 * x for x in v] for n, v in d.items()}, batch_size=4)
+    one = measure_sensitivity(model, ids, cands, deltas=d, batch_size=4, dtype=torch.float32)
+    two = measure_sensitivity(model, ids, cands, deltas={n: [2 * x for x in v] for n, v in d.items()}, batch_size=4,
+                              dtype=torch.float32)
     for a, b in zip(one.delta_loss, two.delta_loss):
         assert b[0] == pytest.approx(4 * a[0], rel=1e-9) and b[1] == pytest.approx(4 * a[1], rel=1e-9)
     assert all(row[0] > row[1] for row in one.delta_loss)
     # measured with the candidates' own weights (no deltas given): the same numbers
-    direct = measure_sensitivity(model, ids, cands, batch_size=4)
+    direct = measure_sensitivity(model, ids, cands, batch_size=4, dtype=torch.float32)
     assert [v for row in direct.delta_loss for v in row] == pytest.approx([v for row in one.delta_loss for v in row], rel=1e-6)
+    # the default bf16 products: the same scores to ~1%
+    fast = measure_sensitivity(model, ids, cands, batch_size=4)
+    assert [v for row in fast.delta_loss for v in row] == pytest.approx([v for row in one.delta_loss for v in row], rel=3e-2)
 
 
 # --- the commands ---------------------------------------------------------------------------------

@@ -272,12 +272,15 @@ def candidate_weights(model, names: list[str], candidates: list[Candidate], scal
 
 
 def measure_sensitivity(model, calibration_data, candidates: list[Candidate], scale_init: str = "reference",
-                        batch_size: int = 2, quant_config=None, deltas: dict | None = None) -> Sensitivity:
+                        batch_size: int = 2, quant_config=None, deltas: dict | None = None,
+                        dtype=None) -> Sensitivity:
     """Predicted ΔL of every (selected layer, candidate) on ``calibration_data`` (token ids (N, L)).
 
     See the module docstring for the estimate. The model is used in fp32, eval mode, and restored.
     ``deltas`` (name → one ΔW per candidate, None = no change) replaces the candidates' weight errors
-    (for tests: any perturbation can be scored).
+    (for tests: any perturbation can be scored). ``dtype``: the ΔW kept and the products ΔW x_t are
+    in bf16 by default (half the memory, fast matrix units; ~3 significant digits are plenty for a
+    ranking), fp32 on request; the model's own forward and backward stay in its dtype.
     """
     import torch
     import torch.nn.functional as F
@@ -286,6 +289,7 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
     from paretoq.quant.swap import selected_linears
 
     t0 = time.perf_counter()
+    dtype = dtype or torch.bfloat16
     ids = calibration_data.long()
     selection = quant_config or QuantConfig(w_bits=4)
     targets = selected_linears(model, selection)
@@ -296,9 +300,9 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
     if deltas is None:  # ΔW = Ŵ − W, in place (one fp32 copy per candidate and layer)
         deltas = candidate_weights(model, names, candidates, scale_init, calibration_data=ids)
         for n, m in targets:
-            for w in deltas[n]:
-                if w is not None:
-                    w.sub_(m.weight.detach().float())
+            deltas[n] = [None if w is None else w.sub_(m.weight.detach().float()).to(dtype) for w in deltas[n]]
+    else:
+        deltas = {n: [None if d is None else d.to(dtype) for d in deltas[n]] for n in names}
     k = len(candidates)
     quad = {n: torch.zeros(k, dtype=torch.float64) for n in names}
     lin = {n: torch.zeros(k, dtype=torch.float64) for n in names}
@@ -309,12 +313,12 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
             inputs[name] = args[0].detach()
 
             def grad_hook(grad):
-                x = inputs.pop(name).reshape(-1, module.in_features).float()
+                x = inputs.pop(name).reshape(-1, module.in_features).to(dtype)
                 g = grad.reshape(-1, module.out_features).float()
                 for j, dw in enumerate(deltas[name]):
                     if dw is None:
                         continue
-                    s = (g * (x @ dw.t())).sum(dim=1, dtype=torch.float64)  # g_t · δy_t per position
+                    s = (g * (x @ dw.t()).float()).sum(dim=1, dtype=torch.float64)  # g_t · δy_t per position
                     quad[name][j] += s.square().sum()
                     lin[name][j] += s.sum()
             if output.requires_grad:
