@@ -117,8 +117,8 @@ def run_rtn(a) -> None:
                            "ppl": perplexity(load_model(folder, dtype=torch.float32), eval_blocks),
                            "eval_tokens": eval_blocks[:, 1:].numel()})
     for init in a.inits:
-        sens = sensitivity(a, init)
         configs = [(f"uniform {b}", QuantConfig(w_bits=b, scale_init=init)) for b in a.uniform]
+        sens = sensitivity(a, init) if a.budgets else None
         for budget in a.budgets:
             alloc = allocate(sens, budget_bytes(sens, budget))
             configs.append((f"mix {budget:g}", allocation_config(sens, alloc, init)))
@@ -306,8 +306,8 @@ def main() -> None:
     add_common_args(p, threads=1, append=False)
     a = p.parse_args()
     a.inits = [s for s in a.inits.split(",") if s]
-    a.budgets = [float(s) for s in a.budgets.split(",") if s]
-    a.uniform = [float(s) if "." in s else int(s) for s in a.uniform.split(",") if s]
+    a.budgets = [float(s) for s in a.budgets.split(",") if s and s != "none"]
+    a.uniform = [float(s) if "." in s else int(s) for s in a.uniform.split(",") if s and s != "none"]
     a.qat_plans = [s.strip() for s in a.qat_plans.split(",") if s.strip()]
     a.skip = a.skip.split(",")
     set_threads(a.threads)

@@ -298,6 +298,7 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
                         "numbered blocks, not the embeddings or the LM head)")
     names = [n for n, _ in targets]
     if deltas is None:  # ΔW = Ŵ − W, in place (one fp32 copy per candidate and layer)
+        logger.info("allocate: %d layers × %d candidates, scale init %s", len(names), len(candidates), scale_init)
         deltas = candidate_weights(model, names, candidates, scale_init, calibration_data=ids)
         for n, m in targets:
             deltas[n] = [None if w is None else w.sub_(m.weight.detach().float()).to(dtype) for w in deltas[n]]
@@ -346,6 +347,8 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
             inputs.clear()
             tokens += batch[:, 1:].numel()
             loss_sum += loss.item()
+            logger.info("allocate: sensitivities, %d of %d calibration blocks (%.0f s)", min(start + batch_size, len(ids)),
+                        len(ids), time.perf_counter() - t0)
     finally:
         for h in handles:
             h.remove()
