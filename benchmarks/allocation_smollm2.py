@@ -124,10 +124,11 @@ def run_rtn(a) -> None:
             configs.append((f"mix {budget:g}", allocation_config(sens, alloc, init)))
         for name, config in configs:
             model = load_model(folder, dtype=torch.float32)
+            bits = bits_of(config, model)  # before the swap: it reads the plain Linear layers
             t = time.perf_counter()
             quantize_model(model, config, calibration_data=calib)
             t_init = time.perf_counter() - t
-            row = {"exp": "rtn", "config": name, "init": init, "bits_per_weight": bits_of(config, model),
+            row = {"exp": "rtn", "config": name, "init": init, "bits_per_weight": bits,
                    "ppl": perplexity(model, eval_blocks), "init_seconds": round(t_init, 1),
                    "overrides": len(config.overrides), "eval_tokens": eval_blocks[:, 1:].numel()}
             if name.startswith("mix"):

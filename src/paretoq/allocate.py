@@ -262,7 +262,7 @@ def candidate_weights(model, names: list[str], candidates: list[Candidate], scal
                     continue
                 config = QuantConfig(w_bits=c.bits, group_size=c.group, scale_init=scale_init)
                 config.check_layer(name, lin.in_features)
-                tmp = nn.Linear(lin.in_features, lin.out_features, bias=False)
+                tmp = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")  # no random init
                 tmp.weight = nn.Parameter(lin.weight.detach().float().clone(), requires_grad=False)
                 q = QuantLinear.from_linear(tmp, config, name=name)
                 scale_init_lib.initialize_scales({name: q}, scale_init, stats)
