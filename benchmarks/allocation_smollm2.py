@@ -84,7 +84,7 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
 def sensitivity(a, init):
     from paretoq.allocate import Sensitivity
 
-    path = Path(a.sensitivity_dir) / f"sens-{init}.json"
+    path = Path(a.sensitivity_dir) / f"sens-{init}{a.sens_suffix}.json"
     if not path.is_file():
         sys.exit(f"{path} missing: run paretoq allocate --scale_init {init} --sensitivity {path} first")
     return Sensitivity.from_dict(json.loads(path.read_text()))
@@ -119,9 +119,12 @@ def run_rtn(a) -> None:
     for init in a.inits:
         configs = [(f"uniform {b}", QuantConfig(w_bits=b, scale_init=init)) for b in a.uniform]
         sens = sensitivity(a, init) if a.budgets else None
+        alloc_losses = {}
         for budget in a.budgets:
             alloc = allocate(sens, budget_bytes(sens, budget))
-            configs.append((f"mix {budget:g}", allocation_config(sens, alloc, init)))
+            alloc_losses[f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "")] = alloc.loss
+            label = f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "")
+            configs.append((label, allocation_config(sens, alloc, init)))
         for name, config in configs:
             model = load_model(folder, dtype=torch.float32)
             bits = bits_of(config, model)  # before the swap: it reads the plain Linear layers
@@ -137,9 +140,11 @@ def run_rtn(a) -> None:
                 mix = Counter()
                 for n, m in model.named_modules():
                     if hasattr(m, "weight_clip_val"):
-                        mix[f"{m.quant_config.w_bits:g}"] += m.weight.numel()
+                        g = "" if m.group_size is None else f":g{m.group_size}"
+                        mix[f"{m.quant_config.w_bits:g}{g}"] += m.weight.numel()
                 tot = sum(mix.values())
                 row["mix"] = {k: round(v / tot, 4) for k, v in sorted(mix.items())}
+                row["predicted_delta_loss"] = alloc_losses.get(name)
             record(a.results, row)
             del model
 
@@ -289,6 +294,7 @@ def main() -> None:
     p.add_argument("exp", choices=("rtn", "track", "qat", "report"))
     p.add_argument("--results", required=True)
     p.add_argument("--sensitivity_dir", default="/tmp/alloc")
+    p.add_argument("--sens_suffix", default="", help="sensitivity file sens-<init><suffix>.json (another candidate set)")
     p.add_argument("--inits", default="reference,gptq")
     p.add_argument("--budgets", default="3.0,2.5")
     p.add_argument("--uniform", default="3,4")

@@ -297,11 +297,18 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
         raise UserError("the model has no Linear layer to quantize (the default selection: Linear layers inside "
                         "numbered blocks, not the embeddings or the LM head)")
     names = [n for n, _ in targets]
-    if deltas is None:  # ΔW = Ŵ − W, in place (one fp32 copy per candidate and layer)
+    if deltas is None:  # ΔW = Ŵ − W, one layer at a time (fp32 only for the layer at hand)
+        from paretoq.quant import scale_init as scale_init_lib
+
         logger.info("allocate: %d layers × %d candidates, scale init %s", len(names), len(candidates), scale_init)
-        deltas = candidate_weights(model, names, candidates, scale_init, calibration_data=ids)
+        stats = None
+        if scale_init_lib.needs_calibration(scale_init):
+            stats = scale_init_lib.calibration_statistics(model, dict(targets), scale_init, ids)
+        deltas = {}
         for n, m in targets:
-            deltas[n] = [None if w is None else w.sub_(m.weight.detach().float()).to(dtype) for w in deltas[n]]
+            w_hat = candidate_weights(model, [n], candidates, scale_init, stats=stats)[n]
+            deltas[n] = [None if w is None else w.sub_(m.weight.detach().float()).to(dtype) for w in w_hat]
+        del stats
     else:
         deltas = {n: [None if d is None else d.to(dtype) for d in deltas[n]] for n in names}
     k = len(candidates)
