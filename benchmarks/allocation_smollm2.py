@@ -121,9 +121,10 @@ def run_rtn(a) -> None:
         sens = sensitivity(a, init) if a.budgets else None
         alloc_losses = {}
         for budget in a.budgets:
-            alloc = allocate(sens, budget_bytes(sens, budget))
-            alloc_losses[f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "")] = alloc.loss
-            label = f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "")
+            alloc = allocate(sens, budget_bytes(sens, budget), estimate=a.estimate)
+            label = f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "") + (
+                f" [{a.estimate}]" if a.estimate != "fisher" else "")
+            alloc_losses[label] = alloc.loss
             configs.append((label, allocation_config(sens, alloc, init)))
         for name, config in configs:
             model = load_model(folder, dtype=torch.float32)
@@ -294,6 +295,7 @@ def main() -> None:
     p.add_argument("exp", choices=("rtn", "track", "qat", "report"))
     p.add_argument("--results", required=True)
     p.add_argument("--sensitivity_dir", default="/tmp/alloc")
+    p.add_argument("--estimate", default="fisher", help="rtn: the allocator's score, fisher or taylor")
     p.add_argument("--sens_suffix", default="", help="sensitivity file sens-<init><suffix>.json (another candidate set)")
     p.add_argument("--inits", default="reference,gptq")
     p.add_argument("--budgets", default="3.0,2.5")

@@ -393,3 +393,14 @@ def test_allocation_config_uses_the_most_common_choice_as_default():
     # 2-bit covers 64 weights, 4-bit 64 too: the tie goes to fewer bits
     assert c.w_bits == 2 and [o.pattern for o in c.overrides] == [r"^a\.0\.x$", r"^a\.1\.x$"]
     assert [c.for_layer(n).w_bits for n in sens.layers] == [4, 4, 2]
+
+
+def test_estimates():
+    from paretoq.allocate import Sensitivity, predicted
+
+    sens = Sensitivity(["a"], [(2, 2)], [Candidate(2), Candidate(4)], [[0.5, 0.1]], [[-0.2, 0.05]], 10, "reference",
+                       1.0, 0.0)
+    assert predicted(sens) == [[0.5, 0.1]]
+    assert predicted(sens, "taylor") == [[pytest.approx(0.3), pytest.approx(0.15)]]
+    with pytest.raises(UserError, match="--estimate 'hessian' is unknown"):
+        predicted(sens, "hessian")

@@ -378,14 +378,27 @@ def budget_bytes(sens: Sensitivity, bits_per_weight: float) -> int:
     return int(math.floor(bits_per_weight * weights / 8))
 
 
+ESTIMATES = ("fisher", "taylor")
+
+
+def predicted(sens: Sensitivity, estimate: str = "fisher") -> list[list[float]]:
+    """Per layer and candidate: "fisher" = ½ Fisher term (≥ 0; the default), "taylor" = first-order +
+    Fisher term (the second-order Taylor expansion with the Fisher as its Hessian)."""
+    if estimate not in ESTIMATES:
+        raise UserError(f"--estimate {estimate!r} is unknown: use one of {', '.join(ESTIMATES)}")
+    if estimate == "fisher":
+        return sens.delta_loss
+    return [[q + f for q, f in zip(qs, fs)] for qs, fs in zip(sens.delta_loss, sens.first_order)]
+
+
 def allocate(sens: Sensitivity, budget: int, ternary_format: str = "base3",
-             resolution: int = DEFAULT_RESOLUTION) -> Allocation:
+             resolution: int = DEFAULT_RESOLUTION, estimate: str = "fisher") -> Allocation:
     costs = [[candidate_bytes(c, o, i, ternary_format) for c in sens.candidates] for o, i in sens.shapes]
     for name, (o, i) in zip(sens.layers, sens.shapes):
         for c in sens.candidates:
             if c.group is not None and i % c.group:
                 raise UserError(f"candidate {c.label}: group size {c.group} does not divide in_features {i} of {name}")
-    return solve(sens.delta_loss, costs, budget, resolution)
+    return solve(predicted(sens, estimate), costs, budget, resolution)
 
 
 def allocation_config(sens: Sensitivity, alloc: Allocation, scale_init: str | None = None):

@@ -39,6 +39,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=2, help="blocks per forward/backward (default 2)")
     p.add_argument("--ternary_format", default="base3", help="how 1.58-bit codes are counted: base3 (1.6 bits, "
                    "default) or 2bit; export the packed folder the same way")
+    p.add_argument("--estimate", default="fisher", help="score of a candidate: fisher (½ Fisher term, default) or "
+                   "taylor (first-order + Fisher term)")
     p.add_argument("--sensitivity", help="JSON file of the measured sensitivities: read if it exists (no "
                    "measurement), else written")
     return p
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> int:
         if cached is not None:
             atomic_write(cached, json.dumps(sens.to_dict()))
     budget = args.budget_bytes if args.budget_bytes is not None else budget_bytes(sens, args.budget)
-    alloc = allocate(sens, budget, args.ternary_format)
+    alloc = allocate(sens, budget, args.ternary_format, estimate=args.estimate)
     config = allocation_config(sens, alloc, args.scale_init)
     text = quant_config_yaml(config, header_text(sens, alloc, "paretoq allocate " + shlex.join(argv)))
     if args.out:
