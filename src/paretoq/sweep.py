@@ -7,6 +7,13 @@ and token budget — train a model into ``<output_dir>/w<bits>[-g<group>]``; its
 model (``fp/``) and round-to-nearest (``quantize_model`` with the reference scale init, no
 training, packed the same way: ``w<bits>/rtn_result.json``).
 
+``--budgets 2.25,2.5,3`` adds allocated mixed-precision points (``<output_dir>/mix<budget>``): the
+per-layer sensitivities are measured once on the training text (``alloc/sensitivity.json``,
+:mod:`paretoq.allocate`), each budget's allocation is written to ``alloc/mix<budget>.yaml`` and
+trained with ``--quant_config`` like any other point, then packed (1.58-bit layers as base-3, as
+the allocator counts them) and evaluated; RTN rows of the same mixes come with them. They are
+marked ``allocated`` in the table and drawn as their own series in ``pareto.png``.
+
 Evaluation is identical for every row: perplexity on ``--eval_data_local_path`` in windows of
 ``--model_max_length`` tokens (:mod:`paretoq.eval.perplexity`, the blocks training evaluates),
 computed in fp32 on the weights as stored — packed codes with fp16 scales and bf16 for the
