@@ -20,7 +20,7 @@ FLOORS = [
     {"errors", "files"},
     {"quant", "models"},
     {"data", "loading", "hf_integration", "eval", "training", "export"},
-    {"__init__", "registration", "sweep", "demo", "assets"},
+    {"__init__", "registration", "sweep", "demo", "assets", "allocate"},
     {"cli", "__main__"},
 ]
 

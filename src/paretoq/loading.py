@@ -331,6 +331,19 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     total += sum(m.bias.numel() for m in layers.values() if isinstance(m, PackedLinear) and m.bias is not None)
 
     fmt = info.format
+    # per layer: its bits and scale layout (mixed-precision models differ from layer to layer), and
+    # what a packed export stores for it: codes in their packing format + one fp16 scale per row/group
+    from paretoq.quant.packed import code_format
+    from paretoq.quant.packing import CODE_FORMATS
+
+    ternary = packed_settings(qc)[1] if fmt == "packed" else "2bit"
+    layer_bits, packed_bytes = {}, 0
+    for name, m in layers.items():
+        bits = m.bits if isinstance(m, PackedLinear) else m.quant_config.w_bits
+        scales = m.scales if isinstance(m, PackedLinear) else m.weight_clip_val
+        numel = m.in_features * m.out_features
+        layer_bits[name] = {"w_bits": bits, "group_size": m.group_size, "weights": numel}
+        packed_bytes += CODE_FORMATS[code_format(m.scheme, ternary)].nbytes(numel) + 2 * scales.numel()
     out: dict[str, Any] = {
         "path": str(info.path),
         "model_type": info.config.get("model_type"),
@@ -347,6 +360,12 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         "code_bits_per_quantized_weight": (8 * disk["quantized_weights"] / quantized) if quantized else None,
         "scale_elements": scale_elems,
         "quantized_layers": list(layers),
+        "mixed": len({(v["w_bits"], v["group_size"]) for v in layer_bits.values()}) > 1,
+        "layer_bits": layer_bits,
+        # Σ w_bits · weights / Σ weights over the quantized layers (1.58 counts as 1.58; no scales)
+        "mean_w_bits": (sum(v["w_bits"] * v["weights"] for v in layer_bits.values()) / quantized) if quantized else None,
+        # what a packed export stores per quantized weight: codes (ternary as ``ternary_format``) + fp16 scales
+        "packed_bits_per_weight": (8 * packed_bytes / quantized) if quantized else None,
     }
     if fmt == "packed":
         scale_dtype, ternary = packed_settings(qc)

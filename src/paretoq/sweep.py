@@ -7,6 +7,13 @@ and token budget — train a model into ``<output_dir>/w<bits>[-g<group>]``; its
 model (``fp/``) and round-to-nearest (``quantize_model`` with the reference scale init, no
 training, packed the same way: ``w<bits>/rtn_result.json``).
 
+``--budgets 2.25,2.5,3`` adds allocated mixed-precision points (``<output_dir>/mix<budget>``): the
+per-layer sensitivities are measured once on the training text (``alloc/sensitivity.json``,
+:mod:`paretoq.allocate`), each budget's allocation is written to ``alloc/mix<budget>.yaml`` and
+trained with ``--quant_config`` like any other point, then packed (1.58-bit layers as base-3, as
+the allocator counts them) and evaluated; RTN rows of the same mixes come with them. They are
+marked ``allocated`` in the table and drawn as their own series in ``pareto.png``.
+
 Evaluation is identical for every row: perplexity on ``--eval_data_local_path`` in windows of
 ``--model_max_length`` tokens (:mod:`paretoq.eval.perplexity`, the blocks training evaluates),
 computed in fp32 on the weights as stored — packed codes with fp16 scales and bf16 for the
@@ -29,7 +36,7 @@ import platform
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from pathlib import Path
 
@@ -59,6 +66,8 @@ _NOT_SETTINGS_PREFIXES = ("push_to_hub", "hub_", "logging_", "log_", "trackio", 
 class SweepSettings:
     bits: list[float]
     group_sizes: list[int | None]
+    budgets: list[float] = field(default_factory=list)  # bits/weight of the allocated mixed points
+    candidates: str = "1.58,2,3,4"  # what each layer may take in them (paretoq allocate --candidates)
     tasks: list[str] | None = None
     limit: float | None = None
     include_path: list[str] | None = None
@@ -69,11 +78,14 @@ class SweepSettings:
 
 @dataclass(frozen=True)
 class Point:
-    bits: float
+    bits: float  # for an allocated point: its budget in bits per weight
     group: int | None
+    budget: bool = False  # an allocated mixed-precision point (paretoq allocate at ``bits`` bits/weight)
 
     @property
     def name(self) -> str:
+        if self.budget:
+            return f"mix{self.bits:g}"
         return f"w{self.bits:g}" + ("" if self.group is None else f"-g{self.group}")
 
 
@@ -89,6 +101,10 @@ def sweep_parser() -> ArgumentParser:
     p.add_argument("--bits", default=DEFAULT_BITS, help=f"bit widths, comma-separated (default {DEFAULT_BITS})")
     p.add_argument("--group_sizes", default="none",
                    help="scale group sizes, comma-separated; none = one scale per row (default none)")
+    p.add_argument("--budgets", help="also allocated mixed-precision points at these bits/weight, comma-separated "
+                   "(e.g. 2.25,2.5,3): paretoq allocate on the training text, then QAT with --quant_config")
+    p.add_argument("--candidates", default="1.58,2,3,4", help="per-layer choices of the allocated points "
+                   "(paretoq allocate --candidates; default 1.58,2,3,4)")
     p.add_argument("--tasks", help="lm-eval tasks to run on every model, comma-separated (e.g. kjv_cloze)")
     p.add_argument("--limit", type=float, help="lm-eval: examples per task")
     p.add_argument("--include_path", action="append", help="folder of extra lm-eval task YAMLs")
@@ -119,6 +135,16 @@ def _bits(v: str) -> float:
     return bits
 
 
+def _budget(v: str) -> float:
+    try:
+        b = float(v)
+    except ValueError:
+        raise UserError(f"--budgets: {v!r} is not a number of bits per weight") from None
+    if not 1 <= b <= 16:
+        raise UserError(f"--budgets: {v} bits per weight is outside 1..16")
+    return b
+
+
 def _group(v: str) -> int | None:
     if v.lower() in ("none", "row", "per_row", "0"):
         return None
@@ -136,10 +162,11 @@ def parse_sweep_args(argv: list[str]) -> SweepSettings:
     from paretoq.training.args import parse_train_args
 
     own, rest = sweep_parser().parse_known_args(argv)
-    for flag in ("--w_bits", "--group_size", "--output_model_filename"):
+    for flag in ("--w_bits", "--group_size", "--output_model_filename", "--quant_config"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             hint = {"--w_bits": "use --bits 4,3,2", "--group_size": "use --group_sizes none,64",
-                    "--output_model_filename": "each model goes to <output_dir>/w<bits>"}[flag]
+                    "--output_model_filename": "each model goes to <output_dir>/w<bits>",
+                    "--quant_config": "use --budgets 2.5,3 for allocated mixed-precision points"}[flag]
             raise UserError(f"{flag} is not a sweep flag: {hint}")
     baselines = tuple(b for b in _parse_list(own.baselines, "--baselines", str.lower) if b != "none")
     bad = [b for b in baselines if b not in ("fp", "rtn")]
@@ -149,6 +176,12 @@ def parse_sweep_args(argv: list[str]) -> SweepSettings:
                              group_sizes=_parse_list(own.group_sizes, "--group_sizes", _group),
                              limit=own.limit, include_path=own.include_path, baselines=baselines,
                              progress=not own.no_progress)
+    if own.budgets:
+        settings.budgets = _parse_list(own.budgets, "--budgets", _budget)
+        from paretoq.allocate import parse_candidates
+
+        parse_candidates(own.candidates)
+        settings.candidates = own.candidates
     if own.tasks is not None:
         from paretoq.eval.harness import check_tasks, parse_task_list
 
@@ -170,7 +203,11 @@ def point_config(settings: SweepSettings, point: Point, out_dir: Path):
     group and folder; building it validates the group size against the bit width."""
     base = settings.base
     logging_dir = base.run.logging_dir and os.path.join(base.run.logging_dir, point.name)
-    return replace(base, model=replace(base.model, w_bits=str(point.bits), group_size=point.group),
+    if point.budget:
+        model = replace(base.model, w_bits=None, group_size=None, quant_config=str(alloc_path(out_dir, point)))
+    else:
+        model = replace(base.model, w_bits=str(point.bits), group_size=point.group)
+    return replace(base, model=model,
                    data=replace(base.data, cache_dir=base.data.cache_dir or str(out_dir / ".cache")),
                    run=replace(base.run, logging_dir=logging_dir),
                    training=replace(base.training, output_dir=str(out_dir / point.name)))
@@ -291,6 +328,8 @@ def rtn_row(settings: SweepSettings, point: Point, cfg, out_dir: Path) -> dict:
     path = out_dir / point.name / RTN_RESULT_NAME
     now = {k: v for k, v in training_settings(cfg).items()
            if k in ("input_model_filename", "eval_data_local_path", "model_max_length", "w_bits", "group_size")}
+    if point.budget:
+        now["quant_config_sha256"] = _sha256(alloc_path(out_dir, point))
     row = _read_row(path, now)
     if row is not None:
         logger.info("sweep: %s round-to-nearest already evaluated", point.name)
@@ -298,14 +337,18 @@ def rtn_row(settings: SweepSettings, point: Point, cfg, out_dir: Path) -> dict:
     logger.info("sweep: %s round-to-nearest baseline", point.name)
     model = load_model(cfg.model.input_model_filename, dtype=torch.float32,
                        trust_remote_code=cfg.model.trust_remote_code)
-    quantize_model(model, QuantConfig(w_bits=point.bits, group_size=point.group))
+    if point.budget:  # the allocated mix, round-to-nearest like the uniform rows (reference scale init)
+        quantize_model(model, replace(cfg.quant, scale_init="reference"))
+    else:
+        quantize_model(model, QuantConfig(w_bits=point.bits, group_size=point.group))
     packed_dir = out_dir / point.name / "rtn-packed"
     if packed_dir.exists():
         shutil.rmtree(packed_dir)
-    save_packed(model, packed_dir, tokenizer=_tokenizer(cfg))
+    save_packed(model, packed_dir, tokenizer=_tokenizer(cfg), ternary_format=_ternary(point))
     del model
     gc.collect()
     row = {"method": "rtn", "name": f"{point.name}-rtn", "bits": point.bits, "group": point.group,
+           "allocated": point.budget,
            **_bytes_row(packed_dir), **_evaluate_packed(packed_dir, settings, cfg),
            "train_seconds": None, "model_dir": None, "settings": now}
     shutil.rmtree(packed_dir)  # the baseline's numbers are what matters; its model is one command away
@@ -348,6 +391,8 @@ def qat_row(settings: SweepSettings, point: Point, cfg, out_dir: Path) -> dict:
     point_dir = out_dir / point.name
     path = point_dir / RESULT_NAME
     now = training_settings(cfg)
+    if point.budget:
+        now["quant_config_sha256"] = _sha256(alloc_path(out_dir, point))
     row = _read_row(path, now)
     if row is not None:
         logger.info("sweep: %s already finished (%s)", point.name, path)
@@ -362,16 +407,82 @@ def qat_row(settings: SweepSettings, point: Point, cfg, out_dir: Path) -> dict:
     packed_dir = point_dir / "packed"
     model = load_model(cfg.final_model_dir, dtype=torch.float32)
     with atomic_folder(packed_dir) as tmp_dir:
-        save_packed(model, tmp_dir, tokenizer=_tokenizer(cfg))
+        save_packed(model, tmp_dir, tokenizer=_tokenizer(cfg), ternary_format=_ternary(point))
         del model
         gc.collect()
-    row = {"method": "qat", "name": point.name, "bits": point.bits, "group": point.group,
+    row = {"method": "qat", "name": point.name, "bits": point.bits, "group": point.group, "allocated": point.budget,
            **_bytes_row(packed_dir), **_evaluate_packed(packed_dir, settings, cfg),
            "train_seconds": metrics.get("train_wall_seconds"), "train_steps": _global_step(point_dir),
            "train_loss": metrics.get("train_loss"), "train_eval_perplexity": metrics.get("perplexity"),
            "model_dir": str(packed_dir), "settings": now}
     write_json(path, row)
     return row
+
+
+# --- allocated (mixed-precision) points ----------------------------------------------------------
+
+ALLOC_DIR = "alloc"
+
+
+def alloc_path(out_dir: Path, point: Point) -> Path:
+    return out_dir / ALLOC_DIR / f"{point.name}.yaml"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _ternary(point: Point) -> str:
+    """Allocated points count 1.58-bit layers as base-3 codes (paretoq allocate's cost): pack them so."""
+    return "base3" if point.budget else "2bit"
+
+
+def write_allocations(settings: SweepSettings, out_dir: Path) -> list[Point]:
+    """Measure the sensitivities once (``alloc/sensitivity.json``, reused while the model, text,
+    candidates and scale init are the same) and write ``alloc/mix<budget>.yaml`` for every budget."""
+    from paretoq.allocate import (Sensitivity, allocate, allocation_config, budget_bytes, calibration_ids,
+                                  header_text, parse_candidates, sensitivity_of_folder)
+    from paretoq.files import atomic_write
+    from paretoq.quant.config import quant_config_yaml
+
+    base = settings.base
+    candidates = parse_candidates(settings.candidates)
+    init = base.model.scale_init
+    samples = base.model.calibration_samples or 16
+    key = {"model": str(base.model.input_model_filename), "data": str(base.data.train_data_local_path),
+           "candidates": settings.candidates, "scale_init": init, "samples": samples,
+           "block": base.data.model_max_length, "seed": base.training.seed}
+    folder = out_dir / ALLOC_DIR
+    cached = folder / "sensitivity.json"
+    sens = None
+    if cached.is_file():
+        try:
+            d = json.loads(cached.read_text())
+            if d.get("meta", {}).get("key") == key:
+                sens = Sensitivity.from_dict(d)
+        except (OSError, ValueError, KeyError, TypeError):
+            sens = None
+    if sens is None:
+        logger.info("sweep: measuring per-layer sensitivities for the allocated points (%s)", settings.candidates)
+        calib = calibration_ids(base.model.input_model_filename, base.data.train_data_local_path, samples,
+                                base.data.model_max_length, base.training.seed,
+                                base.data.cache_dir or str(out_dir / ".cache"))
+        sens = sensitivity_of_folder(base.model.input_model_filename, calib, candidates, init)
+        sens.meta["key"] = key
+        atomic_write(cached, json.dumps(sens.to_dict()))
+    points = []
+    for b in settings.budgets:
+        point = Point(b, None, budget=True)
+        alloc = allocate(sens, budget_bytes(sens, b))
+        config = allocation_config(sens, alloc, init)
+        text = quant_config_yaml(config, header_text(sens, alloc, f"paretoq sweep --budgets: {b:g} bits/weight"))
+        path = alloc_path(out_dir, point)
+        if not path.is_file() or path.read_text() != text:
+            atomic_write(path, text)
+        points.append(point)
+    return points
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -404,6 +515,8 @@ def run_sweep(settings: SweepSettings, command: str = "paretoq sweep") -> tuple[
     points = [Point(b, g) for g in settings.group_sizes for b in settings.bits]
     out_dir = Path(settings.base.training.output_dir)
     prepare_output_dir(str(out_dir))
+    if settings.budgets:
+        points += write_allocations(settings, out_dir)
     cfgs = {p: point_config(settings, p, out_dir) for p in points}  # every group size checked before work
     rows = []
     if "fp" in settings.baselines:
@@ -419,8 +532,9 @@ def run_sweep(settings: SweepSettings, command: str = "paretoq sweep") -> tuple[
     s = training_settings(cfgs[points[0]])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
             "torch": torch.__version__, "bits": settings.bits, "group_sizes": settings.group_sizes,
+            "budgets": settings.budgets, "candidates": settings.candidates if settings.budgets else None,
             "tasks": settings.tasks, "lm_eval_limit": settings.limit, "tokens_per_step": tokens_per_step,
-            "settings": {k: v for k, v in s.items() if k not in ("w_bits", "group_size")}}
+            "settings": {k: v for k, v in s.items() if k not in ("w_bits", "group_size", "quant_config")}}
     files = write_outputs(rows, out_dir, meta)
     return rows, files
 

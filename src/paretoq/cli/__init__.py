@@ -17,6 +17,7 @@ COMMANDS = {
     "export": "write a packed / hf / gguf copy of a quantized model",
     "generate": "generate text from a model folder",
     "sweep": "QAT at several bit widths, then the Pareto table and plot",
+    "allocate": "per-layer bit widths under a size budget (mixed precision), as a QuantConfig YAML",
     "info": "parameters, bits, bytes and quantized layers of a model folder",
     "demo": "the whole pipeline on a real small LM (SmolLM2-135M), offline",
 }

@@ -59,7 +59,8 @@ def evaluate_folder(args) -> dict:
     tokenizer = load_tokenizer(args.model)
     qc = info.quantization_config or {}
     out: dict = {"model": str(args.model), "format": info.format, "w_bits": qc.get("w_bits", 16),
-                 "group_size": qc.get("group_size"), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                 "group_size": qc.get("group_size"), "overrides": len(qc.get("overrides") or []),
+                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.data is not None:
         context = args.context or default_context(info.path, info.config)
         res = perplexity_of_file(model, tokenizer, args.data, context, args.stride, args.batch_size,
@@ -78,7 +79,8 @@ def format_results(out: dict) -> str:
     from paretoq.eval.report import format_table
 
     fmt = out["format"] if out["format"] == "plain" else f"{out['format']}, {out['w_bits']}-bit" + (
-        f", group {out['group_size']}" if out.get("group_size") else "")
+        f", group {out['group_size']}" if out.get("group_size") else "") + (
+        f" default + {out['overrides']} per-layer override(s)" if out.get("overrides") else "")
     lines = [f"model  {out['model']} ({fmt}, {out['dtype']})"]
     rows = []
     if "perplexity" in out:

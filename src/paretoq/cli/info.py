@@ -42,17 +42,21 @@ def _mib(n: int) -> str:
 
 
 def format_info(d: dict[str, Any]) -> str:
+    from paretoq.quant.functional import group_label
+
     lines = [f"model        {d['path']}", f"model_type   {d['model_type']}"]
     if d["format"] == "plain":
         lines.append("format       plain (not quantized)")
     else:
-        from paretoq.quant.functional import group_label
-
         group = group_label(d["group_size"])
         extra = ""
         if d["format"] == "packed":
             extra = f" in {d['scale_dtype']}" + (f", ternary codes {d['ternary_format']}" if d["w_bits"] == 1.58 else "")
-        lines.append(f"format       {d['format']}: w_bits {d['w_bits']}, scales {group}{extra}")
+        if d.get("mixed"):
+            extra = f"; scales{extra}" if extra else ""
+            lines.append(f"format       {d['format']}: mixed precision (per-layer bits below){extra}")
+        else:
+            lines.append(f"format       {d['format']}: w_bits {d['w_bits']}, scales {group}{extra}")
         tables = []
         if d.get("embed_bits", 16) != 16:
             tied = " (tied: also the LM head)" if d.get("tied_embeddings") else ""
@@ -76,8 +80,18 @@ def format_info(d: dict[str, Any]) -> str:
     if d["bits_per_quantized_weight"] is not None:
         lines.append(f"bits/weight  {d['bits_per_quantized_weight']:.3f} per quantized weight on disk "
                      f"(codes {d['code_bits_per_quantized_weight']:.3f} + scales)")
+        if d.get("mean_w_bits") is not None:
+            lines.append(f"             {d['mean_w_bits']:.3f} mean w_bits (weighted by weights; no scales); "
+                         f"{d['packed_bits_per_weight']:.3f} packed (codes + fp16 scales)")
         lines.append("quantized layers:")
-        lines += [f"  {n}" for n in compact_names(d["quantized_layers"])]
+        by_setting: dict[tuple, list[str]] = {}
+        for name in d["quantized_layers"]:
+            v = (d.get("layer_bits") or {}).get(name)
+            by_setting.setdefault((v["w_bits"], v["group_size"]) if v else (d["w_bits"], d["group_size"]), []).append(name)
+        for (bits, group_size), names in sorted(by_setting.items(), key=lambda kv: (-kv[0][0], kv[0][1] or 0)):
+            weights = sum((d.get("layer_bits") or {}).get(n, {}).get("weights", 0) for n in names)
+            lines.append(f"  {bits:g}-bit, {group_label(group_size)}: {len(names)} layer(s), {weights:,} weights")
+            lines += [f"    {n}" for n in compact_names(names)]
     return "\n".join(lines)
 
 

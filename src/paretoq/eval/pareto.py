@@ -2,7 +2,8 @@
 and Markdown tables, and ``pareto.png`` (size on x, perplexity on a log y axis; QAT, round-to-
 nearest and FP as separate markers; the frontier circled and drawn as a step line).
 
-A row is a dict with at least ``method`` ("fp" | "rtn" | "qat"), ``bits``, ``group``,
+A row is a dict with at least ``method`` ("fp" | "rtn" | "qat"), ``bits``, ``group`` (``allocated``: a
+mixed-precision row of ``paretoq sweep --budgets``, whose ``bits`` is its budget in bits/weight),
 ``bytes_total``, ``bytes_quantized_weights``, ``bytes_scales``, ``bytes_other``,
 ``bits_per_weight``, ``perplexity`` and optionally ``tasks`` ({task: {metric: value}}).
 """
@@ -46,7 +47,7 @@ def task_columns(rows: list[dict]) -> list[str]:
     return cols
 
 
-CSV_COLUMNS = ["method", "name", "bits", "group", "bytes_total", "bytes_quantized_weights", "bytes_scales",
+CSV_COLUMNS = ["method", "name", "bits", "group", "allocated", "bytes_total", "bytes_quantized_weights", "bytes_scales",
                "bytes_other", "bits_per_weight", "bits_per_param", "perplexity", "eval_loss", "train_seconds",
                "pareto"]
 
@@ -73,8 +74,10 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
               "perplexity", *tasks, "train (s)", "Pareto"]
     body = []
     for r in rows:
-        body.append([r["method"].upper() if r["method"] != "rtn" else "RTN", _bits_label(r["bits"]),
-                     None if r["method"] == "fp" else r["group"] if r["group"] is not None else "row",
+        body.append([r["method"].upper() if r["method"] != "rtn" else "RTN",
+                     f"mix {r['bits']:g}" if r.get("allocated") else _bits_label(r["bits"]),
+                     None if r["method"] == "fp" else "per layer" if r.get("allocated")
+                     else r["group"] if r["group"] is not None else "row",
                      r["bytes_total"] / 1e6, r["bytes_quantized_weights"] / 1e6, r["bytes_scales"] / 1e6,
                      r["bytes_other"] / 1e6, r["bits_per_weight"], r["perplexity"],
                      *[_task_value(r, k) for k in tasks], r.get("train_seconds"), bool(r.get("pareto"))])
@@ -88,7 +91,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"Perplexity on `{Path(s['eval_data_local_path']).name}` in windows of {s['model_max_length']} tokens, "
         "computed in fp32 on the weights as stored (packed codes + fp16 scales + bf16 rest; FP = bf16 weights). "
         "Sizes are the tensor bytes of the packed folder (FP: bf16). bits/weight = (codes + scales) per "
-        "quantized weight. RTN = round-to-nearest with the reference scale init, no training.", "",
+        "quantized weight. RTN = round-to-nearest with the reference scale init, no training. "
+        "\"mix B\" = per-layer bits chosen by paretoq allocate for a budget of B bits/weight (codes + fp16 "
+        "scales, ternary as base-3), trained with the same flags.", "",
         format_table(header, body, markdown=True), "",
     ]
     return "\n".join(lines)
@@ -107,12 +112,13 @@ def plot_pareto(rows: list[dict], title: str) -> bytes:
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)
-    groups = sorted({r["group"] for r in rows if r["method"] != "fp"}, key=lambda g: (g is not None, g or 0))
+    uniform = [r for r in rows if not r.get("allocated")]
+    groups = sorted({r["group"] for r in uniform if r["method"] != "fp"}, key=lambda g: (g is not None, g or 0))
     colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown"]
     for gi, g in enumerate(groups):
         gname = "per-row" if g is None else f"group {g}"
         for method, marker, style in (("qat", "o", "-"), ("rtn", "x", ":")):
-            pts = sorted((r["bytes_total"] / 1e6, r["perplexity"], r["bits"]) for r in rows
+            pts = sorted((r["bytes_total"] / 1e6, r["perplexity"], r["bits"]) for r in uniform
                          if r["method"] == method and r["group"] == g and math.isfinite(r["perplexity"]))
             if not pts:
                 continue
@@ -121,6 +127,15 @@ def plot_pareto(rows: list[dict], title: str) -> bytes:
                     markersize=7, label=f"{method.upper() if method == 'qat' else 'RTN'} ({gname})")
             for x, y, b in pts:
                 ax.annotate(f"{b:g}b", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
+    for method, marker, style, color in (("qat", "D", "-.", "tab:orange"), ("rtn", "P", ":", "tab:olive")):
+        pts = sorted((r["bytes_total"] / 1e6, r["perplexity"], r["bits"]) for r in rows
+                     if r.get("allocated") and r["method"] == method and math.isfinite(r["perplexity"]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style, color=color,
+                    markersize=7, label=f"{'QAT' if method == 'qat' else 'RTN'} (allocated mix)")
+            for x, y, b in pts:
+                ax.annotate(f"{b:g}b mix", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8,
+                            color=color)
     for r in rows:
         if r["method"] == "fp" and math.isfinite(r["perplexity"]):
             ax.plot([r["bytes_total"] / 1e6], [r["perplexity"]], marker="*", markersize=14, linestyle="none",

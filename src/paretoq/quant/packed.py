@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from paretoq.errors import UserError
-from paretoq.quant.config import QuantConfig, QuantConfigError, parse_bits
-from paretoq.quant.functional import (SCALE_EPS, TABLE_SCHEMES, Scheme, dequantize_codes, fake_quantize_activation,
-                                      group_label, group_width, quantize_codes)
+from paretoq.quant.config import QUANT_METHOD, QuantConfig, QuantConfigError, parse_bits
+from paretoq.quant.functional import (SCALE_EPS, SCHEMES, TABLE_SCHEMES, Scheme, dequantize_codes,
+                                      fake_quantize_activation, group_label, group_width, quantize_codes)
 from paretoq.quant.embedding import PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantTiedHead
 from paretoq.quant.linear import QuantLinear
 from paretoq.quant.swap import selected_linears, set_module, table_modules
@@ -279,10 +279,11 @@ def replace_with_packed(model: nn.Module, quant_config: QuantConfig | dict, *, s
         quant_config.check_layer(name, linear.in_features)
     for name, linear in targets:
         bias = linear.bias
+        layer = quant_config.for_layer(name)
         set_module(model, name, PackedLinear(
-            linear.in_features, linear.out_features, bias=bias is not None, bits=quant_config.w_bits,
-            group_size=quant_config.group_size, ternary_format=ternary_format, scale_dtype=scale_dtype,
-            dtype=None if bias is None else bias.dtype, device=linear.weight.device, a_bits=quant_config.a_bits))
+            linear.in_features, linear.out_features, bias=bias is not None, bits=layer.w_bits,
+            group_size=layer.group_size, ternary_format=ternary_format, scale_dtype=scale_dtype,
+            dtype=None if bias is None else bias.dtype, device=linear.weight.device, a_bits=layer.a_bits))
     return [n for n, _ in targets] + replace_tables_with_packed(model, quant_config, scale_dtype)
 
 
@@ -295,12 +296,16 @@ def packed_quantization_config(quant_config: QuantConfig, scale_dtype, ternary_f
 
 
 def quant_config_of(model: nn.Module) -> QuantConfig:
+    """The model's QuantConfig: the one its config records (with the per-layer overrides), else the
+    first QuantLinear's (a model quantized by hand)."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None:
+        d = qc.to_dict() if hasattr(qc, "to_dict") else qc
+        if isinstance(d, dict) and d.get("quant_method", QUANT_METHOD) == QUANT_METHOD:
+            return QuantConfig.from_dict(d)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             return m.quant_config
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is not None:
-        return QuantConfig.from_dict(qc.to_dict() if hasattr(qc, "to_dict") else qc)
     for m in model.modules():
         if isinstance(m, PackedLinear):
             return QuantConfig(w_bits=m.bits, group_size=m.group_size)

@@ -27,6 +27,7 @@ class QuantReport:
     tables: list[str] = field(default_factory=list)  # quantized embedding / LM head (embed_bits, head_bits)
     quantized_params: int = 0
     total_params: int = 0
+    mixed: str | None = None  # QuantConfig.summary() of a config with per-layer overrides
 
     @property
     def num_layers(self) -> int:
@@ -37,9 +38,10 @@ class QuantReport:
         return self.quantized_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
+        what = self.mixed or f"{self.w_bits} bits ({group_label(self.group_size)})"
         tables = f" and {', '.join(self.tables)}" if self.tables else ""
-        return (f"quantized {self.num_layers} Linear layers to {self.w_bits} bits ({group_label(self.group_size)})"
-                f"{tables}: {self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
+        return (f"quantized {self.num_layers} Linear layers to {what}{tables}: "
+                f"{self.quantized_params:,} of {self.total_params:,} parameters ({self.fraction_quantized:.1%})")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -75,7 +77,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
     either way, ∂L/∂α to summation order.
     """
     report = QuantReport(w_bits=config.w_bits, group_size=config.group_size,
-                         total_params=sum(p.numel() for p in model.parameters()))
+                         total_params=sum(p.numel() for p in model.parameters()),
+                         mixed=config.summary() if config.mixed else None)
     if not config.enabled:
         return report
     set_kernels([], kernels)  # a bad choice fails before the model changes
@@ -93,7 +96,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_scales: bool = Tr
         stats = scale_init_lib.calibration_statistics(model, dict(targets), config.scale_init, calibration_data)
     swapped = {}
     for name, linear in targets:
-        swapped[name] = QuantLinear.from_linear(linear, config, name=name, init=init_scales)
+        swapped[name] = QuantLinear.from_linear(linear, config.for_layer(name), name=name, init=init_scales)
         set_module(model, name, swapped[name])
         report.layers.append(name)
         report.quantized_params += linear.weight.numel()

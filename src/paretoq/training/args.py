@@ -35,6 +35,10 @@ class ModelArguments:
     w_bits: str | None = field(default=None, metadata={"help": "required: 1, 1.58, 2, 3, 4; 16 = no quantization, "
                                                                   "on purpose (0 = 1.58)"})
     group_size: int | None = field(default=None, metadata={"help": "input columns per scale; default one per row"})
+    quant_config: str | None = field(default=None, metadata={
+        "help": "QuantConfig YAML (e.g. from paretoq allocate): w_bits, group_size, per-layer overrides, include, "
+                "exclude, scale_init. It replaces --w_bits/--group_size (and --scale_init when it has that key); "
+                "giving one of those flags with another value than the file's is refused"})
     contain_weight_clip_val: bool | None = field(
         default=None, metadata={"help": "accepted for seed compatibility: scales are always kept when the "
                                         "checkpoint has them, and initialised from the weights otherwise"})
@@ -126,11 +130,18 @@ class TrainConfig:
 
     def __post_init__(self):
         m = self.model
-        self.quant = QuantConfig(w_bits=m.w_bits, group_size=m.group_size, scale_init=m.scale_init,
-                                 embed_bits=16 if m.embed_bits is None else m.embed_bits,
-                                 embed_group_size=m.embed_group_size,
-                                 head_bits=16 if m.head_bits is None else m.head_bits,
-                                 head_group_size=m.head_group_size, a_bits=16 if m.a_bits is None else m.a_bits)
+        tables = dict(embed_bits=16 if m.embed_bits is None else m.embed_bits, embed_group_size=m.embed_group_size,
+                      head_bits=16 if m.head_bits is None else m.head_bits, head_group_size=m.head_group_size,
+                      a_bits=16 if m.a_bits is None else m.a_bits)
+        if m.quant_config:
+            from paretoq.quant.config import read_quant_config
+
+            file_config, keys = read_quant_config(m.quant_config)
+            init = file_config.scale_init if "scale_init" in keys else m.scale_init
+            given = {k: v for k, v in tables.items() if getattr(m, k) is not None}  # flags on top of the file
+            self.quant = dataclasses.replace(file_config, scale_init=init, **given)
+        else:
+            self.quant = QuantConfig(w_bits=m.w_bits, group_size=m.group_size, scale_init=m.scale_init, **tables)
 
     def seed_flag_notes(self) -> list[str]:
         """One line per seed flag given that has no effect here, saying what paretoq does instead."""
@@ -222,8 +233,11 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     if env_default:
         parser.set_defaults(compile_quantizer=env_default)
     parser.set_defaults(**layered)
-    missing = [f"--{name}" for name in REQUIRED if layered.get(name) in (None, "")
-               and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)]
+    def given(name):
+        return layered.get(name) not in (None, "") or any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+    quant_file = given("quant_config")
+    missing = [f"--{name}" for name in REQUIRED if not given(name) and not (name == "w_bits" and quant_file)]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (paretoq train --help lists every flag; `paretoq demo` "
                         "runs a complete example on a built-in model and data)")
@@ -239,11 +253,28 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None
     explicit_optim = "optim" in layered or any(a == "--optim" or a.startswith("--optim=") for a in argv)
     training.optim = OptimizerNames(validate_master_weights(
         run.master_weights, getattr(training.optim, "value", training.optim), training.optim_args, explicit_optim))
+    if model.quant_config:
+        _check_quant_config_flags(model, given)
     cfg = TrainConfig(model, data, run, training)  # builds and validates the QuantConfig (a UserError)
     from paretoq.training.recipe import validate_recipe_args
 
     validate_recipe_args(cfg)
     return cfg
+
+
+def _check_quant_config_flags(model: ModelArguments, given) -> None:
+    """--quant_config FILE decides the bits, scale layouts and (when it has the key) the scale init;
+    --w_bits / --group_size / --scale_init given too (command line or --config) must agree with it."""
+    from paretoq.quant.config import parse_bits, read_quant_config
+
+    file_config, keys = read_quant_config(model.quant_config)
+    checks = [("w_bits", model.w_bits, file_config.w_bits, lambda v: parse_bits(v)),
+              ("group_size", model.group_size, file_config.group_size, lambda v: v),
+              ("scale_init", model.scale_init, file_config.scale_init if "scale_init" in keys else None, lambda v: v)]
+    for flag, value, in_file, norm in checks:
+        if given(flag) and (in_file is not None or flag == "group_size") and norm(value) != in_file:
+            raise UserError(f"--{flag} {value} conflicts with --quant_config {model.quant_config} ({flag}: {in_file}): "
+                            f"give the setting in one place (the file wins when the flag is left out)")
 
 
 def _validate(model: ModelArguments, data: DataArguments, run: RunArguments) -> None:

@@ -155,7 +155,7 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     kernels = "fused" if cfg.fused_quantizer and cfg.quant.enabled and not lean_mode else "eager"
     if kernels == "fused" and (args.use_cpu or not torch.cuda.is_available()):
         # the CPU kernels, built (once per machine, in child processes) before the model takes memory
-        kernels = fused.prebuild([cfg.quant.scheme], torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
+        kernels = fused.prebuild(cfg.quant.schemes(), torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
                                  else torch.float32) or "eager"  # (None: not buildable, warned)
     with _removed_on_user_error(args.output_dir, created=not os.path.exists(args.output_dir) and args.should_save):
         from paretoq.loading import load_tokenizer
@@ -208,6 +208,6 @@ def run_training(cfg: TrainConfig, callbacks=()) -> dict:
     final_dir = cfg.final_model_dir
     publish_model(trainer, tokenizer, final_dir)  # files moved in complete, config.json last
     if args.should_save:
-        what = f"{cfg.quant.w_bits}-bit fake-quant model" if cfg.quant.enabled else "model (not quantized)"
+        what = f"{cfg.quant.summary()} fake-quant model" if cfg.quant.enabled else "model (not quantized)"
         logger.info("final %s: %s", what, final_dir)
     return {**metrics, **eval_metrics, "final_model_dir": final_dir, "quantized_layers": sum(isinstance(m, QuantLinear) for m in model.modules())}
