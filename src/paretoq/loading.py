@@ -339,8 +339,8 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     ternary = packed_settings(qc)[1] if fmt == "packed" else "2bit"
     layer_bits, packed_bytes = {}, 0
     for name, m in layers.items():
-        bits = m.bits if isinstance(m, PackedLinear) else m.quant_config.w_bits
-        scales = m.scales if isinstance(m, PackedLinear) else m.weight_clip_val
+        bits = m.scheme.bits  # the layer's own scheme: per-layer overrides, embed_bits / head_bits
+        scales = m.weight_clip_val if hasattr(m, "weight_clip_val") else m.scales
         numel = m.in_features * m.out_features
         layer_bits[name] = {"w_bits": bits, "group_size": m.group_size, "weights": numel}
         packed_bytes += CODE_FORMATS[code_format(m.scheme, ternary)].nbytes(numel) + 2 * scales.numel()
