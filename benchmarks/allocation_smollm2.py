@@ -67,18 +67,7 @@ def eval_subset(a, eval_blocks):
     return eval_blocks if not a.eval_blocks else eval_blocks[:a.eval_blocks]
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
-    """bf16 compute, exp(mean token CE): as quality_smollm2.py measures."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        ids = blocks[i:i + batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss.float().item()
-        n = ids[:, 1:].numel()
-        total, count = total + loss * n, count + n
-    return math.exp(total / count)
+from quality_smollm2 import perplexity  # noqa: E402  (bf16 compute, exp(mean token CE): the same measure)
 
 
 def sensitivity(a, init):

@@ -82,6 +82,18 @@ def train_argv(out, *extra, bits=2, steps=4, **flags) -> list[str]:
     return argv + [str(a) for a in extra]
 
 
+def stop_at(step: int):
+    """A Trainer callback that ends training after ``step`` (a run "killed" after that step's checkpoint)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_training_stop = True
+
+    return StopAt()
+
+
 def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
     """A tiny random LlamaForCausalLM built in code (no hub)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -3,7 +3,6 @@ next-token distributions against paretoq's model."""
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 

@@ -14,7 +14,7 @@ from paretoq import QuantConfig, QuantLinear, dequantize_model, load_packed, qua
 from paretoq.errors import UserError
 from paretoq.loading import folder_info, load_model
 from paretoq.quant.embedding import (PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantHead, QuantTiedHead)
-from paretoq.quant.functional import (SCHEMES, TABLE_SCHEMES, fake_quantize, fake_quantize_activation,
+from paretoq.quant.functional import (SCHEMES, TABLE_SCHEMES, fake_quantize_activation,
                                       init_scale, quantize_backward, quantize_weight)
 
 

@@ -23,7 +23,6 @@ from zero differ from eager on those boundary weights, so the bit comparison see
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re

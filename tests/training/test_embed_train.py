@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from conftest import FIXTURE, train_argv
+from conftest import FIXTURE, train_argv, stop_at
 from paretoq.errors import UserError
 from paretoq.loading import load_model
 from paretoq.quant.embedding import QuantEmbedding, QuantTiedHead
@@ -17,15 +16,6 @@ from paretoq.training.args import parse_train_args
 from paretoq.training.run import run_training
 
 FLAGS = ["--embed_bits", "4", "--embed_group_size", "32", "--a_bits", "8", "--compile_quantizer", "false"]
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def _losses(folder):
@@ -44,7 +34,7 @@ def test_flags_reach_the_config():
 def test_resume_with_quantized_embedding_is_exact(tmp_path):
     run_training(parse_train_args(train_argv(tmp_path / "straight", *FLAGS, steps=4, save_steps=2)))
     argv = train_argv(tmp_path / "resumed", *FLAGS, steps=4, save_steps=2)
-    run_training(parse_train_args(argv), callbacks=[_StopAt(2)])
+    run_training(parse_train_args(argv), callbacks=[stop_at(2)])
     ckpt = load_file(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors")
     assert "model.embed_tokens.weight_clip_val" in ckpt and not any(k.startswith("lm_head.weight_clip") for k in ckpt)
     run_training(parse_train_args(argv))

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 
-from conftest import FIXTURE, tiny_llama, train_argv
+from conftest import FIXTURE, tiny_llama, train_argv, stop_at
 from paretoq import QuantConfig, QuantLinear, quantize_model
 from paretoq.errors import UserError
 from paretoq.training import lean
@@ -128,20 +128,11 @@ def test_master_weights_flags(tmp_path):
 # --- a lean run of the CLI's code path: resume exact, outputs load ------------------------------------
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 @pytest.mark.slow  # three short runs, each compiling torchao's optimizer step (~1 min alone, minutes on a busy machine)
 def test_lean_run_resumes_exactly_and_its_model_loads(tmp_path):
     argv = lambda out: train_argv(out, steps=4, save_steps=2, master_weights="bf16")  # noqa: E731
     straight = run_training(parse_train_args(argv(tmp_path / "straight")))
-    run_training(parse_train_args(argv(tmp_path / "resumed")), callbacks=[_StopAt(2)])  # "killed" after checkpoint-2
+    run_training(parse_train_args(argv(tmp_path / "resumed")), callbacks=[stop_at(2)])  # "killed" after checkpoint-2
     assert not (tmp_path / "resumed" / "checkpoint-4").exists()
     run_training(parse_train_args(argv(tmp_path / "resumed")))  # the same command continues from checkpoint-2
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from conftest import FIXTURE, TEXT, tiny_llama, train_argv
+from conftest import FIXTURE, TEXT, tiny_llama, train_argv, stop_at
 from paretoq import QuantLinear
 from paretoq.cli import main as cli
 from paretoq.training.args import parse_train_args
@@ -89,19 +89,10 @@ def test_gradient_accumulation_is_exact(tmp_path):
         assert ((a[k] - b[k]).abs().max() / scale) < 1e-5, k
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 def test_resume_gives_identical_losses_and_weights(tmp_path):
     run_training(parse_train_args(train_argv(tmp_path / "straight", steps=6, save_steps=3)))
     argv_b = train_argv(tmp_path / "resumed", steps=6, save_steps=3)
-    run_training(parse_train_args(argv_b), callbacks=[_StopAt(3)])  # "killed" after the step-3 checkpoint
+    run_training(parse_train_args(argv_b), callbacks=[stop_at(3)])  # "killed" after the step-3 checkpoint
     assert not (tmp_path / "resumed" / "checkpoint-6").exists()
     run_training(parse_train_args(argv_b))  # the same command again continues from checkpoint-3
 

@@ -309,6 +309,23 @@ QUANT_CONFIG_KEYS = ("w_bits", "group_size", "include", "exclude", "scale_init",
                      "embed_group_size", "head_bits", "head_group_size", "a_bits")
 
 
+def read_yaml_mapping(path: str | Path, flag: str, expected: str, error: type[Exception]) -> dict:
+    """The mapping a YAML file holds (``paretoq train --config`` / ``--quant_config``); a missing file, bad YAML
+    or another type raises ``error`` with one line naming ``flag`` and the file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{flag} {path}: no such file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{flag} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise error(f"{flag} {path}: expected {expected}, got {type(d).__name__}")
+    return d
+
+
 def load_quant_config(path: str | Path) -> QuantConfig:
     return read_quant_config(path)[0]
 
@@ -317,17 +334,8 @@ def read_quant_config(path: str | Path) -> tuple[QuantConfig, set[str]]:
     """(the QuantConfig, the keys the file sets). A QuantConfig from a YAML file (``paretoq allocate`` writes one; ``paretoq train
     --quant_config FILE`` reads it): keys w_bits, group_size, include, exclude, scale_init and
     overrides (a list of {pattern, w_bits, group_size}); a missing key takes QuantConfig's default."""
-    import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise QuantConfigError(f"--quant_config {path}: no such file")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise QuantConfigError(f"--quant_config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(d, dict):
-        raise QuantConfigError(f"--quant_config {path}: expected a mapping (w_bits, group_size, overrides, ...)")
+    d = read_yaml_mapping(path, "--quant_config", "a mapping (w_bits, group_size, overrides, ...)", QuantConfigError)
     unknown = sorted(set(d) - set(QUANT_CONFIG_KEYS))
     if unknown:
         raise QuantConfigError(f"--quant_config {path}: unknown key {unknown[0]!r} (expected {', '.join(QUANT_CONFIG_KEYS)})")

@@ -158,6 +158,19 @@ class QuantTiedHead(nn.Module):
         return f"tied to the quantized embedding ({self.out_features}×{self.in_features})"
 
 
+def apply_keeping_scales(module: nn.Module, base_apply, fn, recurse: bool) -> None:
+    """``module._apply`` for packed layers: ``.to(dtype)`` / ``.half()`` move the ``scales`` buffer but keep its
+    storage dtype (scales are data, not activations); ``base_apply`` is nn.Module's own ``_apply``."""
+    scales = module._buffers.pop("scales")
+    try:
+        base_apply(fn, recurse)
+    finally:
+        module._buffers["scales"] = scales
+    if scales is not None:
+        moved = fn(scales)
+        module._buffers["scales"] = moved if moved.dtype == scales.dtype else scales.to(moved.device)
+
+
 class PackedEmbedding(nn.Module):
     """An embedding table stored as packed codes + scales (module docstring); inference only.
 
@@ -229,13 +242,7 @@ class PackedEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` keeps the scales in their storage dtype (as ``PackedLinear``)."""
-        scales = self._buffers.pop("scales")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers["scales"] = scales
-        moved = fn(scales)
-        self._buffers["scales"] = moved if moved.dtype == scales.dtype else scales.to(moved.device)
+        apply_keeping_scales(self, super()._apply, fn, recurse)
         return self
 
     def extra_repr(self) -> str:

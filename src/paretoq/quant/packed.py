@@ -33,9 +33,10 @@ from torch import nn
 
 from paretoq.errors import UserError
 from paretoq.quant.config import QUANT_METHOD, QuantConfig, QuantConfigError, parse_bits
-from paretoq.quant.functional import (SCALE_EPS, SCHEMES, TABLE_SCHEMES, Scheme, dequantize_codes,
+from paretoq.quant.functional import (SCALE_EPS, TABLE_SCHEMES, Scheme, dequantize_codes,
                                       fake_quantize_activation, group_label, group_width, quantize_codes)
-from paretoq.quant.embedding import PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantTiedHead
+from paretoq.quant.embedding import (PackedEmbedding, PackedTiedHead, QuantEmbedding, QuantTiedHead,
+                                     apply_keeping_scales)
 from paretoq.quant.linear import QuantLinear
 from paretoq.quant.swap import selected_linears, set_module, table_modules
 from paretoq.quant.packing import CODE_FORMATS
@@ -228,14 +229,7 @@ class PackedLinear(nn.Module):
     # -- nn.Module plumbing --------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` / ``.half()`` move the scales but keep their storage dtype (they are data)."""
-        scales = self._buffers.pop("scales")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers["scales"] = scales
-        if scales is not None:
-            moved = fn(scales)
-            self._buffers["scales"] = moved if moved.dtype == scales.dtype else scales.to(moved.device)
+        apply_keeping_scales(self, super()._apply, fn, recurse)
         self._kernel = self._kernel_key = None
         return self
 

@@ -204,16 +204,9 @@ def make_parser() -> HfArgumentParser:
 
 
 def _read_yaml(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of flag: value, got {type(values).__name__}")
-    return values
+    from paretoq.quant.config import read_yaml_mapping
+
+    return read_yaml_mapping(path, "--config", "a mapping of flag: value", UserError)
 
 
 def parse_train_args(argv: list[str] | None = None, defaults: dict | None = None) -> TrainConfig:
