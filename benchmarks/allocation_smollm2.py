@@ -290,7 +290,7 @@ def main() -> None:
     p.add_argument("--budgets", default="3.0,2.5")
     p.add_argument("--uniform", default="3,4")
     p.add_argument("--skip", default="")
-    p.add_argument("--candidates", default="1.58,2,3,4")
+    p.add_argument("--candidates", default="1.58,2,3,4", help="track: the candidates measured")
     p.add_argument("--track_layers", type=int, default=10)
     p.add_argument("--track_blocks", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -404,3 +404,41 @@ def test_estimates():
     assert predicted(sens, "taylor") == [[pytest.approx(0.3), pytest.approx(0.15)]]
     with pytest.raises(UserError, match="--estimate 'hessian' is unknown"):
         predicted(sens, "hessian")
+
+
+def test_unavailable_candidates_are_never_chosen():
+    """A loss of None = the candidate does not fit that layer: the optimum among the rest, its cost not counted
+    in the cheapest choice (here the unavailable one is the cheapest and best of layer 0)."""
+    losses = [[None, 5.0, 1.0], [4.0, 2.0, 0.0]]
+    costs = [[1, 4, 8], [2, 4, 8]]
+    a = solve(losses, costs, 12)
+    assert a.exact and a.choice == [2, 1] and a.loss == 3.0 and a.bytes == 12
+    want = _brute([[1e9, 5.0, 1.0], [4.0, 2.0, 0.0]], costs, 12)
+    assert a.loss == want[0]
+    with pytest.raises(UserError, match="budget of 5 bytes is infeasible: .* already takes 6 bytes"):
+        solve(losses, costs, 5)
+
+
+def test_grouped_default_candidates_skip_layers_they_do_not_divide():
+    """in_features 96: group 64 does not divide it, so only the per-row candidates are offered there."""
+    from paretoq.allocate import DEFAULT_CANDIDATES, Sensitivity, allocate, available
+
+    cands = parse_candidates(DEFAULT_CANDIDATES)
+    assert [c.label for c in cands] == ["1.58", "2", "3", "4", "1.58:g64", "2:g64", "3:g64", "4:g64"]
+    assert available(Candidate(2, 64), 128) and not available(Candidate(2, 64), 96) and available(Candidate(2), 96)
+    # the grouped candidates look best everywhere; layer b (in 96) must still take a per-row one
+    loss = [[8.0, 6.0, 4.0, 2.0, 0.1, 0.1, 0.1, 0.1]] * 2
+    sens = Sensitivity(["a", "b"], [(8, 128), (8, 96)], cands, loss, [[0.0] * 8] * 2, 10, "reference", 1.0, 0.0)
+    a = allocate(sens, 10_000)
+    assert cands[a.choice[0]].group == 64 and cands[a.choice[1]] == Candidate(4)
+    sens = Sensitivity(["b"], [(8, 96)], [Candidate(2, 64)], [[0.1]], [[0.0]], 10, "reference", 1.0, 0.0)
+    with pytest.raises(UserError, match="no candidate fits b: every candidate's group size fails to divide its "
+                                        "in_features 96; add a per-row candidate"):
+        allocate(sens, 10_000)
+    # the weights: None for a candidate the layer cannot take
+    from torch import nn
+
+    model = nn.Module()
+    model.lin = nn.Linear(96, 8, bias=False)
+    w = candidate_weights(model, ["lin"], [Candidate(2), Candidate(2, 64)])["lin"]
+    assert w[0].shape == (8, 96) and w[1] is None

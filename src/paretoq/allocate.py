@@ -4,8 +4,9 @@ Three steps:
 
 1. **Candidates and their bytes.** Each quantizable layer (the default selection: the Linear layers
    of the decoder blocks) may take one of the candidates (bits, group): by default 1.58, 2, 3 and
-   4 bits with per-row scales (``--candidates 2,3,4,3:64,16``: ``B:G`` = group size G, 16 = the
-   layer left in bf16). A candidate's cost is the bytes a packed export stores for the layer:
+   4 bits, each with per-row scales and with one scale per 64 weights (``--candidates
+   2,3,4,3:64,16``: ``B:G`` = group size G, 16 = the layer left in bf16). A grouped candidate whose
+   group does not divide a layer's in_features is not offered to that layer. A candidate's cost is the bytes a packed export stores for the layer:
    the codes in their packing format (ternary as base-3, 5 codes per byte = 1.6 bits; write the
    packed folder with ``ternary_format="base3"`` to get those bytes) plus one fp16 scale per row
    or group; 16 = bf16 weights. "Bits per weight" below is always 8 · those bytes / weights,
@@ -56,7 +57,7 @@ from paretoq.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = "1.58,2,3,4"
+DEFAULT_CANDIDATES = "1.58,2,3,4,1.58:64,2:64,3:64,4:64"  # per row, and the same bits with groups of 64
 DEFAULT_RESOLUTION = 200_000  # DP states when the exact byte grid is finer than this
 OFF = 16
 
@@ -113,6 +114,11 @@ def candidate_bytes(c: Candidate, out_features: int, in_features: int, ternary_f
     return CODE_FORMATS[code_format(SCHEMES[c.bits], ternary_format)].nbytes(numel) + 2 * out_features * groups
 
 
+def available(c: Candidate, in_features: int) -> bool:
+    """Whether a layer of ``in_features`` inputs can take ``c`` (its group size divides the row)."""
+    return c.group is None or in_features % c.group == 0
+
+
 # --- the solver --------------------------------------------------------------------------------
 
 
@@ -134,7 +140,8 @@ class Allocation:
 def _lagrangian_bound(losses, costs, budget: int) -> float:
     """max over λ ≥ 0 of Σ_i min_c (loss_ic + λ cost_ic) − λ·budget: a lower bound on the optimum."""
     def dual(lam):
-        return sum(min(l + lam * c for l, c in zip(li, ci)) for li, ci in zip(losses, costs)) - lam * budget
+        return sum(min(l + lam * c for l, c in zip(li, ci) if c is not None)
+                   for li, ci in zip(losses, costs)) - lam * budget
 
     hi = 1.0
     while dual(hi) > dual(hi / 2) and hi < 1e30:
@@ -151,7 +158,8 @@ def _lagrangian_bound(losses, costs, budget: int) -> float:
 
 def solve(losses: list[list[float]], costs: list[list[int]], budget: int,
           resolution: int = DEFAULT_RESOLUTION) -> Allocation:
-    """Choose one candidate per layer: min Σ losses[i][c_i] s.t. Σ costs[i][c_i] ≤ budget.
+    """Choose one candidate per layer: min Σ losses[i][c_i] s.t. Σ costs[i][c_i] ≤ budget (a loss of
+    None = the candidate is not available to that layer).
 
     Dynamic programming over the bytes each layer spends above its cheapest candidate, in units u:
     u = the gcd of those extra costs when (budget − Σ cheapest)/u ≤ ``resolution`` (exact), else
@@ -163,14 +171,18 @@ def solve(losses: list[list[float]], costs: list[list[int]], budget: int,
 
     if len(losses) != len(costs) or any(len(a) != len(b) or not a for a, b in zip(losses, costs)):
         raise ValueError("losses and costs must have one non-empty row per layer, of equal lengths")
-    cheapest = sum(min(c) for c in costs)
+    costs = [[c if l is not None else None for l, c in zip(li, ci)] for li, ci in zip(losses, costs)]
+    if any(all(c is None for c in row) for row in costs):
+        raise ValueError("every layer needs at least one available candidate")
+    low = [min(c for c in row if c is not None) for row in costs]
+    cheapest = sum(low)
     if cheapest > budget:
         raise UserError(f"budget of {budget:,} bytes is infeasible: the cheapest candidate of every layer "
                         f"already takes {cheapest:,} bytes")
     # DP over the bytes above each layer's cheapest candidate (so rounding never makes a feasible case infeasible)
-    extra = [[int(c) - min(row) for c in row] for row in costs]
+    extra = [[None if c is None else int(c) - m for c in row] for row, m in zip(costs, low)]
     slack = budget - cheapest
-    g = reduce(math.gcd, [c for row in extra for c in row if c > 0], 0) or 1
+    g = reduce(math.gcd, [c for row in extra for c in row if c], 0) or 1
     exact = slack // g <= resolution
     unit = g if exact else -(-slack // resolution)
     cap = slack // unit
@@ -182,6 +194,8 @@ def solve(losses: list[list[float]], costs: list[list[int]], budget: int,
         new = np.full(cap + 1, inf)
         pick = np.zeros(cap + 1, dtype=np.int16)
         for k, (l, c) in enumerate(zip(li, ci)):
+            if c is None:
+                continue
             w = -(-c // unit)
             if w > cap:
                 continue
@@ -201,7 +215,8 @@ def solve(losses: list[list[float]], costs: list[list[int]], budget: int,
     loss = float(sum(losses[i][k] for i, k in enumerate(choice)))
     total = int(sum(costs[i][k] for i, k in enumerate(choice)))
     assert total <= budget
-    bound = loss if exact else min(loss, _lagrangian_bound(losses, costs, budget))
+    bound = loss if exact else min(loss, _lagrangian_bound([[0.0 if v is None else v for v in li] for li in losses],
+                                                           costs, budget))
     return Allocation(choice, loss, total, budget, exact, bound, unit)
 
 
@@ -257,7 +272,7 @@ def candidate_weights(model, names: list[str], candidates: list[Candidate], scal
         for name, lin in modules.items():
             row = []
             for c in candidates:
-                if c.bits == OFF:
+                if c.bits == OFF or not available(c, lin.in_features):  # unavailable: never chosen (allocate)
                     row.append(None)
                     continue
                 config = QuantConfig(w_bits=c.bits, group_size=c.group, scale_init=scale_init)
@@ -273,7 +288,7 @@ def candidate_weights(model, names: list[str], candidates: list[Candidate], scal
 
 def measure_sensitivity(model, calibration_data, candidates: list[Candidate], scale_init: str = "reference",
                         batch_size: int = 2, quant_config=None, deltas: dict | None = None,
-                        dtype=None) -> Sensitivity:
+                        dtype=None, labels: str = "data") -> Sensitivity:
     """Predicted ΔL of every (selected layer, candidate) on ``calibration_data`` (token ids (N, L)).
 
     See the module docstring for the estimate. The model is used in fp32, eval mode, and restored.
@@ -344,16 +359,18 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
         p.requires_grad_(False)
     model.eval()
     tokens, loss_sum = 0, 0.0
+    gen = torch.Generator().manual_seed(0)  # labels="model": the next tokens drawn from the model (true Fisher)
     try:
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size]
             logits = model(input_ids=batch, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                                   reduction="sum")
-            loss.backward()
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            data = batch[:, 1:].reshape(-1)
+            drawn = data if labels == "data" else torch.multinomial(flat.detach().softmax(-1), 1, generator=gen)[:, 0]
+            F.cross_entropy(flat, drawn, reduction="sum").backward()
             inputs.clear()
             tokens += batch[:, 1:].numel()
-            loss_sum += loss.item()
+            loss_sum += F.cross_entropy(flat.detach(), data, reduction="sum").item()
             logger.info("allocate: sensitivities, %d of %d calibration blocks (%.0f s)", min(start + batch_size, len(ids)),
                         len(ids), time.perf_counter() - t0)
     finally:
@@ -393,12 +410,15 @@ def predicted(sens: Sensitivity, estimate: str = "fisher") -> list[list[float]]:
 
 def allocate(sens: Sensitivity, budget: int, ternary_format: str = "base3",
              resolution: int = DEFAULT_RESOLUTION, estimate: str = "fisher") -> Allocation:
-    costs = [[candidate_bytes(c, o, i, ternary_format) for c in sens.candidates] for o, i in sens.shapes]
-    for name, (o, i) in zip(sens.layers, sens.shapes):
-        for c in sens.candidates:
-            if c.group is not None and i % c.group:
-                raise UserError(f"candidate {c.label}: group size {c.group} does not divide in_features {i} of {name}")
-    return solve(predicted(sens, estimate), costs, budget, resolution)
+    costs = [[candidate_bytes(c, o, i, ternary_format) if available(c, i) else 0 for c in sens.candidates]
+             for o, i in sens.shapes]
+    losses = [[v if available(c, i) else None for c, v in zip(sens.candidates, row)]
+              for (_, i), row in zip(sens.shapes, predicted(sens, estimate))]
+    for name, (_, i), row in zip(sens.layers, sens.shapes, losses):
+        if all(v is None for v in row):
+            raise UserError(f"no candidate fits {name}: every candidate's group size fails to divide its "
+                            f"in_features {i}; add a per-row candidate (e.g. 4)")
+    return solve(losses, costs, budget, resolution)
 
 
 def allocation_config(sens: Sensitivity, alloc: Allocation, scale_init: str | None = None):
@@ -458,7 +478,7 @@ def calibration_ids(model_dir, data_path, samples: int, block: int, seed: int = 
 
 
 def sensitivity_of_folder(model_dir, calibration, candidates: list[Candidate], scale_init: str = "reference",
-                          batch_size: int = 2) -> Sensitivity:
+                          batch_size: int = 2, labels: str = "data") -> Sensitivity:
     import torch
 
     from paretoq.loading import load_model
@@ -466,6 +486,6 @@ def sensitivity_of_folder(model_dir, calibration, candidates: list[Candidate], s
     model = load_model(model_dir, dtype=torch.float32)
     if getattr(model.config, "quantization_config", None):
         raise UserError(f"{model_dir} is already quantized: paretoq allocate measures a full-precision model")
-    sens = measure_sensitivity(model, calibration, candidates, scale_init, batch_size)
+    sens = measure_sensitivity(model, calibration, candidates, scale_init, batch_size, labels=labels)
     sens.meta["model"] = str(model_dir)
     return sens

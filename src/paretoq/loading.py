@@ -373,7 +373,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         out["ternary_format"] = ternary
         out["kernel_cache_bytes"] = sum(m.kernel_bytes() for m in layers.values() if isinstance(m, PackedLinear))
     for key, off in (("embed_bits", 16), ("embed_group_size", None), ("head_bits", 16), ("head_group_size", None),
-                     ("a_bits", 16)):
+                     ("a_bits", 16), ("a_group_size", None)):
         out[key] = qc.get(key, off) if qc else off
     out["tied_embeddings"] = bool(info.config.get("tie_word_embeddings", False))
     return out

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from paretoq.allocate import DEFAULT_CANDIDATES
 from paretoq.errors import ArgumentParser, UserError
 from paretoq.files import atomic_folder
 from paretoq.eval.pareto import pareto_front, plot_pareto, to_csv, to_markdown
@@ -67,7 +68,7 @@ class SweepSettings:
     bits: list[float]
     group_sizes: list[int | None]
     budgets: list[float] = field(default_factory=list)  # bits/weight of the allocated mixed points
-    candidates: str = "1.58,2,3,4"  # what each layer may take in them (paretoq allocate --candidates)
+    candidates: str = DEFAULT_CANDIDATES  # what each layer may take in them (paretoq allocate --candidates)
     tasks: list[str] | None = None
     limit: float | None = None
     include_path: list[str] | None = None
@@ -103,8 +104,8 @@ def sweep_parser() -> ArgumentParser:
                    help="scale group sizes, comma-separated; none = one scale per row (default none)")
     p.add_argument("--budgets", help="also allocated mixed-precision points at these bits/weight, comma-separated "
                    "(e.g. 2.25,2.5,3): paretoq allocate on the training text, then QAT with --quant_config")
-    p.add_argument("--candidates", default="1.58,2,3,4", help="per-layer choices of the allocated points "
-                   "(paretoq allocate --candidates; default 1.58,2,3,4)")
+    p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="per-layer choices of the allocated points "
+                   f"(paretoq allocate --candidates; default {DEFAULT_CANDIDATES})")
     p.add_argument("--tasks", help="lm-eval tasks to run on every model, comma-separated (e.g. kjv_cloze)")
     p.add_argument("--limit", type=float, help="lm-eval: examples per task")
     p.add_argument("--include_path", action="append", help="folder of extra lm-eval task YAMLs")

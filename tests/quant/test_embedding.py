@@ -50,6 +50,62 @@ def test_activation_fake_quant_straight_through_gradient():
     assert torch.count_nonzero(y.grad) == 0
 
 
+def test_activation_fake_quant_per_block():
+    """Blocks of 32 (llama.cpp's Q8_0 activations): each block's own max; per token = one block of the row."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64) * torch.linspace(0.1, 10, 64)  # later features larger: the blocks' maxima differ
+    got = fake_quantize_activation(x, 32)
+    for b in range(2):
+        xb = x[..., 32 * b:32 * (b + 1)]
+        m = xb.abs().amax(-1, keepdim=True)
+        assert torch.equal(got[..., 32 * b:32 * (b + 1)], torch.round(xb * 127 / m) * m / 127)
+    assert torch.equal(fake_quantize_activation(x, 64), fake_quantize_activation(x))
+    assert not torch.equal(got, fake_quantize_activation(x))  # control: per token rounds the small block coarser
+    assert (got - x).abs()[..., :32].max() < (fake_quantize_activation(x) - x).abs()[..., :32].max()
+    y = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    (fake_quantize_activation(y, 32) * g).sum().backward()
+    assert torch.equal(y.grad, g)
+    with pytest.raises(ValueError, match="activation block 48 does not divide the 64 input features"):
+        fake_quantize_activation(x, 48)
+
+
+def test_a_group_size_config_and_layers():
+    from paretoq.quant.functional import gguf_activation_block
+
+    c = QuantConfig(w_bits=2, a_bits=8, a_group_size="32")
+    assert c.a_group_size == 32 and c.activation_block("x", 576) == 32
+    assert QuantConfig.from_dict(c.to_dict()).a_group_size == 32 and c.to_dict()["a_group_size"] == 32
+    assert "a_group_size" not in QuantConfig(w_bits=2, a_bits=8).to_dict()  # per token: as before
+    assert QuantConfig(w_bits=2, a_bits=8, a_group_size="token").a_group_size is None
+    g = QuantConfig(w_bits=2, a_bits=8, a_group_size="GGUF")
+    assert g.a_group_size == "gguf" and QuantConfig.from_dict(g.to_dict()).a_group_size == "gguf"
+    # gguf: 2/3-bit rows that are multiples of 256 are K-quants (Q8_K activations), the rest Q8_0's 32
+    assert (g.activation_block("a", 1536), g.activation_block("b", 576)) == (256, 32)
+    assert QuantConfig(w_bits=4, a_bits=8, a_group_size="gguf").activation_block("a", 1536) == 32
+    assert g.activation_block("lm_head", 1536, w_bits=8) == 32  # tables are Q4_0 / Q8_0
+    assert gguf_activation_block(3, 64, 1024) == 32 and gguf_activation_block(3, 512, 1024) == 256
+    assert QuantConfig(w_bits=2, a_bits=8).activation_block("a", 576) is None
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    q = QuantLinear.from_linear(lin, QuantConfig(w_bits=2, a_bits=8, a_group_size=32))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(q(x), F.linear(fake_quantize_activation(x, 32), q.quantized_weight(), lin.bias))
+    with pytest.raises(UserError, match="a_group_size 48 does not divide in_features 64 of layer l: use a divisor"):
+        QuantLinear.from_linear(lin, QuantConfig(w_bits=2, a_bits=8, a_group_size=48), name="l")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(w_bits=2, a_group_size=32), "a_group_size applies to 8-bit activations: set a_bits to 8"),
+    (dict(w_bits=2, a_bits=8, a_group_size="x"), "a_group_size 'x' is not supported: use a positive integer"),
+    (dict(w_bits=2, a_bits=8, a_group_size=0), "a_group_size 0 is not supported"),
+])
+def test_a_group_size_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        QuantConfig(**kwargs)
+
+
 def test_a_bits_off_by_default_and_on_in_quant_linear():
     assert QuantConfig(w_bits=2).a_bits == 16
     d = QuantConfig(w_bits=2).to_dict()
@@ -202,7 +258,8 @@ def _round_scales(model):
 
 
 @pytest.mark.parametrize("qc", [dict(embed_bits=4, embed_group_size=32, a_bits=8), dict(embed_bits=8),
-                                dict(a_bits=8)])
+                                dict(a_bits=8), dict(a_bits=8, a_group_size=32),
+                                dict(embed_bits=4, embed_group_size=32, a_bits=8, a_group_size="gguf")])
 def test_packed_round_trip_is_bit_exact_tied(tmp_path, qc):
     model, _ = _fixture(**qc)
     save_packed(model, tmp_path / "p", dtype=torch.float32)
@@ -217,6 +274,8 @@ def test_packed_round_trip_is_bit_exact_tied(tmp_path, qc):
     if "embed_bits" in qc:
         assert isinstance(packed.model.embed_tokens, PackedEmbedding) and isinstance(packed.lm_head, PackedTiedHead)
     assert all(m.a_bits == qc.get("a_bits", 16) for m in packed.modules() if hasattr(m, "a_bits"))
+    want_block = {None: None, 32: 32, "gguf": 32}[qc.get("a_group_size")]  # the fixture's rows: 128, 256 wide
+    assert all(m.a_block == want_block for m in packed.modules() if hasattr(m, "a_block"))
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     _round_scales(model)
     with torch.no_grad():

@@ -66,7 +66,10 @@ def format_info(d: dict[str, Any]) -> str:
         if tables:
             lines.append(f"tables       {'; '.join(tables)}")
         if d.get("a_bits", 16) == 8:
-            lines.append("activations  8-bit per token (absmax) at every quantized layer's input")
+            block = d.get("a_group_size")
+            where = ("per token" if block is None else "per layer as llama.cpp runs its GGUF type" if block == "gguf"
+                     else f"per block of {block}")
+            lines.append(f"activations  8-bit {where} (absmax) at every quantized layer's input")
     lines.append(f"parameters   {d['parameters']:,} ({d['quantized_parameters']:,} quantized, "
                  f"{d['quantized_fraction']:.1%}, in {d['num_quantized_layers']} layers)")
     disk, mem = d["disk_bytes"], d["memory_bytes"]

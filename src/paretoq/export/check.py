@@ -71,14 +71,17 @@ def token_windows(text_path: str | os.PathLike, tokenizer, tokens: int, window: 
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 1]
 
 
-def _llama_cpp_logits(path: Path, windows: list[list[int]], n_ctx: int, threads: int | None) -> list[torch.Tensor]:
+def _llama_cpp_logits(path: Path, windows: list[list[int]], n_ctx: int, threads: int | None,
+                      kv_f32: bool = False) -> list[torch.Tensor]:
+    """llama.cpp's logits of every window (``kv_f32``: an fp32 KV cache instead of llama.cpp's default f16)."""
     try:
         import llama_cpp
     except ImportError:
         raise UserError("check of a GGUF export needs llama-cpp-python: pip install 'paretoq[llamacpp]' "
                         "(or make install-llamacpp)") from None
+    kv = {"type_k": 0, "type_v": 0} if kv_f32 else {}  # GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(n_ctx, 8), logits_all=True, verbose=False,
-                          n_threads=threads, n_threads_batch=threads)
+                          n_threads=threads, n_threads_batch=threads, **kv)
     try:
         out = []
         for ids in windows:

@@ -69,6 +69,7 @@ from torch import nn
 from paretoq.errors import UserError
 from paretoq.files import atomic_file
 from paretoq.export.integers import LayerIntegers, layer_integers
+from paretoq.quant.functional import GGUF_ACTIVATION_BLOCKS
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,11 @@ class BlockType:
     @property
     def bits_per_weight(self) -> float:
         return self.type_size * 8 / self.block
+
+    @property
+    def activation_block(self) -> int:
+        """The block llama.cpp rounds this type's activations in (Q8_K: 256 for the K/TQ types, else Q8_0: 32)."""
+        return GGUF_ACTIVATION_BLOCKS["Q8_K" if self.name.startswith("TQ") or self.name.endswith("_K") else "Q8_0"]
 
     @property
     def qtype(self):
@@ -546,6 +552,15 @@ class _TensorRecord:
     scale_rounding: float = 0.0  # max relative rounding of the block scales to fp16
 
 
+def _trained_activation_block(module: nn.Module) -> int | None:
+    """The block of a layer's 8-bit activations in training when it had blocks (``a_group_size``), else None."""
+    config = getattr(module, "quant_config", None)
+    a_bits = getattr(module, "a_bits", None) or getattr(config, "a_bits", 16)
+    if a_bits != 8:
+        a_bits = getattr(getattr(module, "source", None), "a_bits", 16)  # a packed tied head
+    return getattr(module, "a_block", None) if a_bits == 8 else None
+
+
 class _Writer:
     """Collects tensors (and a record of each) for one GGUFWriter."""
 
@@ -576,10 +591,20 @@ class _Writer:
             self.writer.add_tensor(name, gguf.quants.quantize(arr, gtype), raw_dtype=gtype)
         self.records.append(_TensorRecord(name, ftype.upper(), tuple(arr.shape)))
 
-    def integers(self, name: str, q: LayerIntegers, source: str, order: tuple[str, ...] | None = None) -> None:
+    def integers(self, name: str, q: LayerIntegers, source: str, order: tuple[str, ...] | None = None,
+                 a_block: int | None = None) -> None:
         """A quantized matrix (integers k and scales) in the GGML type ``ggml_type_for`` picks from its own grid
-        and scale groups (``order``: default the export's), or refused / F16 Ŵ per ``fallback``."""
-        bt = _choose(source, q, order or self.order, self.fallback)
+        and scale groups (``order``: default the export's), or refused / F16 Ŵ per ``fallback``. ``a_block``:
+        the layer was trained with 8-bit activations in blocks of that many features, so the types llama.cpp
+        runs with that activation block come first (a warning when none of them fits)."""
+        order = order or self.order
+        if a_block is not None:
+            order = tuple(sorted(order, key=lambda t: BLOCK_TYPES[t].activation_block != a_block))
+        bt = _choose(source, q, order, self.fallback)
+        if bt is not None and a_block is not None and bt.activation_block != a_block:
+            logger.warning("GGUF export: %s was trained with 8-bit activations in blocks of %d, but its type %s "
+                           "makes llama.cpp round them in blocks of %d", source, a_block, bt.name,
+                           bt.activation_block)
         if bt is None:
             self.float_matrix(name, q.dequantized().float(), "f16")
             self.records[-1].bits = q.bits
@@ -603,7 +628,7 @@ class _Writer:
                             f"width {n}) fits neither Q4_0 nor Q8_0 exactly: the scale must be constant over blocks "
                             "of 32; quantize it with a group size that is a multiple of 32 (--embed_group_size / "
                             "--head_group_size 32), or pass fallback='f16' (--gguf_fallback f16)")
-        self.integers(f"{name}.weight", q, source, TABLE_ORDER)
+        self.integers(f"{name}.weight", q, source, TABLE_ORDER, _trained_activation_block(module))
 
     def linear(self, name: str, module: nn.Linear, heads: int | None = None, source: str | None = None) -> None:
         """A Linear weight (``name`` without ".weight") and its bias; ``heads``: permute rows for RoPE;
@@ -616,7 +641,7 @@ class _Writer:
         else:
             if perm is not None:
                 q = q.permute_rows(perm)
-            self.integers(f"{name}.weight", q, source or name)
+            self.integers(f"{name}.weight", q, source or name, a_block=_trained_activation_block(module))
         bias = getattr(module, "bias", None)
         if bias is not None:
             self.f32(f"{name}.bias", bias if perm is None else bias.detach()[perm])

@@ -139,8 +139,12 @@ class QuantConfig:
             model ties them (MiniCPM4, SmolLM2) there is one matrix: it is quantized once (one latent
             weight, one scale set, used by both) with ``embed_bits`` (or ``head_bits`` if only that
             is given); both given must then agree.
-        a_bits: 8 = per-token absmax 8-bit fake quantization of every quantized Linear's input
+        a_bits: 8 = absmax 8-bit fake quantization of every quantized Linear's input
             (``functional.fake_quantize_activation``); 16 = off.
+        a_group_size: where a_bits=8 takes max|x|: None = over each token (BitNet b1.58); N = over each
+            run of N input features (32 = llama.cpp's Q8_0 blocks, 256 = Q8_K); "gguf" = per layer, the
+            block llama.cpp uses with the type paretoq's GGUF export writes for it
+            (``functional.gguf_activation_block``: 256 for 2/3-bit K-quant layers, else 32).
     """
 
     w_bits: float = 16
@@ -156,6 +160,7 @@ class QuantConfig:
     head_bits: float = 16
     head_group_size: int | None = None
     a_bits: int = 16
+    a_group_size: int | str | None = None
 
     def __post_init__(self):
         self.w_bits = parse_bits(self.w_bits)
@@ -176,6 +181,9 @@ class QuantConfig:
             raise QuantConfigError(f"a_bits {self.a_bits!r} is not supported: use 8 (per-token 8-bit activations) "
                                    "or 16 (off)")
         self.a_bits = 16 if a_bits in OFF_BITS else 8
+        self.a_group_size = _activation_group(self.a_group_size)
+        if self.a_group_size is not None and self.a_bits != 8:
+            raise QuantConfigError("a_group_size applies to 8-bit activations: set a_bits to 8 as well")
         if (self.embed_bits != 16 or self.head_bits != 16 or self.a_bits != 16) and not self.enabled:
             raise QuantConfigError("embed_bits, head_bits and a_bits apply to a quantized model: set w_bits to "
                                    "1, 1.58, 2, 3 or 4 as well")
@@ -217,8 +225,10 @@ class QuantConfig:
 
     def _layer(self, w_bits: float, group_size: int | None) -> "QuantConfig":
         # a layer's own config keeps the selection, the scale init and the 8-bit activations (an "off" layer has none)
+        a_bits = self.a_bits if w_bits != 16 else 16
         return QuantConfig(w_bits=w_bits, group_size=group_size, include=self.include, exclude=self.exclude,
-                           scale_init=self.scale_init, a_bits=self.a_bits if w_bits != 16 else 16)
+                           scale_init=self.scale_init, a_bits=a_bits,
+                           a_group_size=self.a_group_size if a_bits == 8 else None)
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` (a Linear) is to be quantized (an override "off" keeps
@@ -249,8 +259,28 @@ class QuantConfig:
         return base if not self.overrides else f"mixed: {base} default + {len(self.overrides)} per-layer override(s)"
 
     def table_settings(self) -> tuple:
-        """(embed_bits, embed_group_size, head_bits, head_group_size, a_bits): what a resumed run must share."""
-        return self.embed_bits, self.embed_group_size, self.head_bits, self.head_group_size, self.a_bits
+        """(embed_bits, embed_group_size, head_bits, head_group_size, a_bits, a_group_size): what a resumed run
+        must share."""
+        return (self.embed_bits, self.embed_group_size, self.head_bits, self.head_group_size, self.a_bits,
+                self.a_group_size)
+
+    def activation_block(self, name: str, in_features: int, w_bits: float | None = None) -> int | None:
+        """The block (input features per max|x|) of the 8-bit activations of the layer ``name``: None = per
+        token (or a_bits off). ``w_bits``: for tables (embedding / LM head, exported as Q4_0 or Q8_0 = blocks
+        of 32 under "gguf")."""
+        from paretoq.quant.functional import gguf_activation_block
+
+        if self.a_bits != 8 or self.a_group_size is None:
+            return None
+        if self.a_group_size == "gguf":
+            if w_bits is not None:
+                return 32
+            layer = self.for_layer(name)
+            return gguf_activation_block(layer.w_bits, layer.group_size, in_features)
+        if in_features % self.a_group_size:
+            raise QuantConfigError(f"a_group_size {self.a_group_size} does not divide in_features {in_features} of "
+                                   f"layer {name}: use a divisor (32 divides most), gguf, or omit it (per token)")
+        return self.a_group_size
 
     @property
     def embed_scheme(self) -> Scheme | None:
@@ -261,6 +291,7 @@ class QuantConfig:
         return TABLE_SCHEMES.get(self.head_bits)
 
     def check_layer(self, name: str, in_features: int) -> None:
+        self.activation_block(name, in_features)  # a_group_size must divide in_features too
         group_size = self.for_layer(name).group_size
         if group_size is not None and in_features % group_size:
             divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
@@ -297,16 +328,34 @@ class QuantConfig:
         return cls(**kwargs)
 
 
-_TABLE_DEFAULTS = {"embed_bits": 16, "embed_group_size": None, "head_bits": 16, "head_group_size": None, "a_bits": 16}
+_TABLE_DEFAULTS = {"embed_bits": 16, "embed_group_size": None, "head_bits": 16, "head_group_size": None, "a_bits": 16,
+                   "a_group_size": None}
 """The embedding/head/activation fields and their "off" values: written to ``quantization_config``
 only when set, so the entries of models without them are what they were before these fields."""
 
 
 
+def _activation_group(value) -> int | str | None:
+    """a_group_size: None / "none" / "token" = per token, a positive integer, or "gguf"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "token")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "gguf":
+        return "gguf"
+    try:
+        n = int(value)
+        if n != float(value) or n <= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise QuantConfigError(f"a_group_size {value!r} is not supported: use a positive integer (32 = llama.cpp's "
+                               "Q8_0 blocks, 256 = Q8_K), gguf (each layer as its GGUF type) or omit it (per "
+                               "token)") from None
+    return n
+
+
 # --- QuantConfig files (YAML) ---------------------------------------------------------------------
 
 QUANT_CONFIG_KEYS = ("w_bits", "group_size", "include", "exclude", "scale_init", "overrides", "embed_bits",
-                     "embed_group_size", "head_bits", "head_group_size", "a_bits")
+                     "embed_group_size", "head_bits", "head_group_size", "a_bits", "a_group_size")
 
 
 def read_yaml_mapping(path: str | Path, flag: str, expected: str, error: type[Exception]) -> dict:

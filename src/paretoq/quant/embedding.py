@@ -113,6 +113,7 @@ class QuantHead(QuantLinear):
         self.quant_config = config
         self.scheme = config.head_scheme
         self.group_size = config.head_group_size
+        self.a_block = config.activation_block("lm_head", self.in_features, w_bits=config.head_bits)
         groups = self.in_features // group_width(self.group_size, self.in_features)
         self.weight_clip_val = nn.Parameter(torch.empty(self.out_features, groups, dtype=torch.float32, device=device))
         self._clear_cache()
@@ -131,7 +132,9 @@ class QuantHead(QuantLinear):
 
 
 def _activation(x: torch.Tensor, config) -> torch.Tensor:
-    return fake_quantize_activation(x) if config is not None and config.a_bits == 8 else x
+    if config is None or config.a_bits != 8:
+        return x
+    return fake_quantize_activation(x, config.activation_block("lm_head", x.shape[-1], w_bits=config.embed_bits))
 
 
 class QuantTiedHead(nn.Module):
@@ -180,9 +183,10 @@ class PackedEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, bits: float, group_size: int | None = None,
                  padding_idx: int | None = None, scale_dtype=torch.float16, dtype: torch.dtype | None = None,
-                 device=None, a_bits: int = 16):
+                 device=None, a_bits: int = 16, a_block: int | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.a_block = a_block  # the tied head's 8-bit activation block (None = per token)
         self.bits = parse_bits(bits, "embed_bits", TABLE_SCHEMES)
         self.scheme = TABLE_SCHEMES.get(self.bits)
         if self.scheme is None:
@@ -208,15 +212,17 @@ class PackedEmbedding(nn.Module):
         scales = q.weight_clip_val.detach().to(scale_dtype)
         codes = quantize_codes(q.weight.detach(), scales.float(), q.scheme)
         return cls.from_codes(codes, scales, bits=q.quant_config.embed_bits, group_size=q.group_size,
-                              padding_idx=q.padding_idx, dtype=dtype or q.weight.dtype, a_bits=q.quant_config.a_bits)
+                              padding_idx=q.padding_idx, dtype=dtype or q.weight.dtype, a_bits=q.quant_config.a_bits,
+                              a_block=q.quant_config.activation_block("lm_head", q.embedding_dim,
+                                                                      w_bits=q.quant_config.embed_bits))
 
     @classmethod
     @torch.no_grad()
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, *, bits, group_size, padding_idx=None,
-                   dtype=None, a_bits: int = 16) -> "PackedEmbedding":
+                   dtype=None, a_bits: int = 16, a_block: int | None = None) -> "PackedEmbedding":
         n, dim = codes.shape
         p = cls(n, dim, bits=bits, group_size=group_size, padding_idx=padding_idx, scale_dtype=scales.dtype,
-                dtype=dtype, device=codes.device, a_bits=a_bits)
+                dtype=dtype, device=codes.device, a_bits=a_bits, a_block=a_block)
         p.qweight = CODE_FORMATS[p.code_format].pack(codes.to(torch.uint8))
         p.scales = scales.detach().clone()
         return p
@@ -224,7 +230,8 @@ class PackedEmbedding(nn.Module):
     def repacked(self, scale_dtype=None) -> "PackedEmbedding":
         scales = self.scales if scale_dtype is None else self.scales.to(scale_dtype)
         return type(self).from_codes(self.codes(), scales, bits=self.bits, group_size=self.group_size,
-                                     padding_idx=self.padding_idx, dtype=self.dtype_anchor.dtype, a_bits=self.a_bits)
+                                     padding_idx=self.padding_idx, dtype=self.dtype_anchor.dtype, a_bits=self.a_bits,
+                                     a_block=self.a_block)
 
     def codes(self) -> torch.Tensor:
         numel = self.num_embeddings * self.embedding_dim
@@ -261,7 +268,7 @@ class PackedTiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.source.a_bits == 8:
-            x = fake_quantize_activation(x)
+            x = fake_quantize_activation(x, self.source.a_block)
         return F.linear(x, self.source.dequantized_weight().to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -267,33 +267,52 @@ GGUF's Q8_0 holds exactly. The decoder's Linear layers (``w_bits``) keep ``SCHEM
 
 
 # -- 8-bit activations (``a_bits=8``) ----------------------------------------------------------------
-ACT_QMAX = 127  # per-token absmax grid: x̂ = round(x·127/max|x|)·max|x|/127, integers −127…127
+ACT_QMAX = 127  # absmax grid: x̂ = round(x·127/max|x|)·max|x|/127, integers −127…127
 ACT_EPS = 1e-5  # floor of max|x| so that an all-zero token stays zero instead of 0/0
+GGUF_ACTIVATION_BLOCKS = {"Q8_0": 32, "Q8_K": 256}
+"""llama.cpp's CPU matmul rounds the activations to 8 bits before it multiplies them with a quantized
+weight: Q1_0, Q2_0, Q4_0 and Q8_0 weights take Q8_0 activations (absmax blocks of 32), the K and TQ
+types (Q2_K, Q3_K, TQ1_0, TQ2_0) take Q8_K (blocks of 256) — ggml-cpu's ``vec_dot_type`` of each type."""
 
 
 class _ActivationFakeQuant(torch.autograd.Function):
-    """Per-token absmax 8-bit fake quantization with a straight-through gradient (∂x̂/∂x = 1)."""
+    """Absmax 8-bit fake quantization (per token or per block) with a straight-through gradient (∂x̂/∂x = 1)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _quantize_activation(x)
+    def forward(ctx, x, block):
+        return _quantize_activation(x, block)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
-def _quantize_activation(x: torch.Tensor) -> torch.Tensor:
+def _quantize_activation(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     xf = x.float()
+    if block is not None and block != xf.shape[-1]:
+        xf = xf.unflatten(-1, (xf.shape[-1] // block, block))
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS)
-    return (torch.round(xf * ACT_QMAX / amax) * amax / ACT_QMAX).to(x.dtype)
+    out = torch.round(xf * ACT_QMAX / amax) * amax / ACT_QMAX
+    return out.reshape(x.shape).to(x.dtype)
 
 
-def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """8-bit per-token absmax fake quantization of a layer input (last dim = features), as llama.cpp's
-    Q8 activation blocks and BitNet b1.58 do: with m = max|x| over the token (floored at 1e-5),
-    x̂ = round(x·127/m)·m/127, computed in fp32 and returned in x's dtype. Gradient: straight through."""
-    return _ActivationFakeQuant.apply(x)
+def fake_quantize_activation(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """8-bit absmax fake quantization of a layer input (last dim = features): with m = max|x| over the token
+    (``block`` None, as BitNet b1.58) or over each run of ``block`` features (32 or 256: llama.cpp's Q8_0 /
+    Q8_K activation blocks), floored at 1e-5, x̂ = round(x·127/m)·m/127, computed in fp32 and returned in x's
+    dtype. Gradient: straight through."""
+    if block is not None and x.shape[-1] % block:
+        raise ValueError(f"activation block {block} does not divide the {x.shape[-1]} input features")
+    return _ActivationFakeQuant.apply(x, block)
+
+
+def gguf_activation_block(w_bits: float, group_size: int | None, in_features: int) -> int:
+    """The activation block llama.cpp rounds a layer's input in when paretoq's GGUF export writes it with the
+    automatic type choice (``export.gguf.AUTO_ORDER``): 2- and 3-bit layers whose rows and scale groups are
+    multiples of 256 become Q2_K / Q3_K (Q8_K activations: 256); every other layer Q1_0, Q2_0 or Q4_0 (Q8_0
+    activations: 32). ``tests/export/test_gguf_types.py`` checks this against the export's own choice."""
+    k_quant = w_bits in (2, 3) and in_features % 256 == 0 and (group_size is None or group_size % 256 == 0)
+    return GGUF_ACTIVATION_BLOCKS["Q8_K" if k_quant else "Q8_0"]
 
 
 def effective_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ class QuantLinear(nn.Linear):
         self.quant_config = config
         self.scheme = config.scheme
         self.group_size = config.group_size
+        self.a_block = config.activation_block("", self.in_features)  # 8-bit activations: None = per token
         groups = self.in_features // group_width(config.group_size, self.in_features)
         self.weight_clip_val = nn.Parameter(torch.empty(self.out_features, groups, dtype=torch.float32, device=device))
         self._clear_cache()
@@ -97,8 +98,8 @@ class QuantLinear(nn.Linear):
         return fake_quantize(self.weight, self.weight_clip_val, self.scheme, kernels=self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_config.a_bits == 8:  # 8-bit activations (off by default): the input, per token
-            x = fake_quantize_activation(x)
+        if self.quant_config.a_bits == 8:  # 8-bit activations (off by default): per token or per block
+            x = fake_quantize_activation(x, self.a_block)
         dtype = compute_dtype(x)
         if self.cache_quantized_weight and self.training and not torch.is_inference_mode_enabled():
             return F.linear(x, self._cached_weight(dtype), self.bias)

@@ -99,10 +99,11 @@ class PackedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: float,
                  group_size: int | None = None, ternary_format: str = "2bit", scale_dtype=torch.float16,
-                 dtype: torch.dtype | None = None, device=None, a_bits: int = 16):
+                 dtype: torch.dtype | None = None, device=None, a_bits: int = 16, a_block: int | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.a_bits = a_bits  # 8: the input is fake-quantized per token (8-bit activations), as in training
+        self.a_bits = a_bits  # 8: the input is fake-quantized to 8 bits, as in training
+        self.a_block = a_block  # ... per token (None) or per block of a_block features
         self.bits = parse_bits(bits, "bits", TABLE_SCHEMES)  # 8 only for an LM head (head_bits 8)
         self.scheme = TABLE_SCHEMES.get(self.bits)
         if self.scheme is None:
@@ -129,12 +130,13 @@ class PackedLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, bits: float,
-                   group_size: int | None, ternary_format: str = "2bit", a_bits: int = 16) -> "PackedLinear":
+                   group_size: int | None, ternary_format: str = "2bit", a_bits: int = 16,
+                   a_block: int | None = None) -> "PackedLinear":
         """Pack ``codes`` (out, in) uint8 with ``scales`` (out, groups), kept in their dtype."""
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, bias=bias is not None, bits=bits, group_size=group_size,
                     ternary_format=ternary_format, scale_dtype=scales.dtype,
-                    dtype=None if bias is None else bias.dtype, device=codes.device, a_bits=a_bits)
+                    dtype=None if bias is None else bias.dtype, device=codes.device, a_bits=a_bits, a_block=a_block)
         if tuple(scales.shape) != tuple(layer.scales.shape):
             raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit a {out_features}×{in_features} "
                              f"weight with group_size {group_size}: expected {tuple(layer.scales.shape)}")
@@ -153,7 +155,7 @@ class PackedLinear(nn.Module):
         codes = quantize_codes(q.weight.detach(), scales.float(), q.scheme)
         bias = None if q.bias is None else q.bias.detach().to(bias_dtype or q.bias.dtype)
         return cls.from_codes(codes, scales, bias, bits=q.scheme.bits, group_size=q.group_size,
-                              ternary_format=ternary_format, a_bits=q.quant_config.a_bits)
+                              ternary_format=ternary_format, a_bits=q.quant_config.a_bits, a_block=q.a_block)
 
     @torch.no_grad()
     def repacked(self, scale_dtype=None, ternary_format: str | None = None,
@@ -163,7 +165,7 @@ class PackedLinear(nn.Module):
         scales = self.scales if scale_dtype is None else self.scales.to(resolve_dtype(scale_dtype))
         bias = None if self.bias is None else self.bias.to(bias_dtype or self.bias.dtype)
         return type(self).from_codes(self.codes(), scales, bias, bits=self.bits, group_size=self.group_size,
-                                     ternary_format=fmt, a_bits=self.a_bits)
+                                     ternary_format=fmt, a_bits=self.a_bits, a_block=self.a_block)
 
     # -- reading the weight --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -177,7 +179,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits == 8:
-            x = fake_quantize_activation(x)
+            x = fake_quantize_activation(x, self.a_block)
         if self._kernel_applies(x):
             return self._kernel_forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -236,7 +238,8 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"w_bits={self.bits}, codes={self.code_format}, scales={dtype_name(self.scales.dtype)} "
-                f"{group_label(self.group_size)}" + (", a_bits=8" if self.a_bits == 8 else ""))
+                f"{group_label(self.group_size)}" + (", a_bits=8" if self.a_bits == 8 else "") +
+                (f" per block of {self.a_block}" if self.a_bits == 8 and self.a_block else ""))
 
 
 # -- model surgery ---------------------------------------------------------------------------
@@ -277,7 +280,8 @@ def replace_with_packed(model: nn.Module, quant_config: QuantConfig | dict, *, s
         set_module(model, name, PackedLinear(
             linear.in_features, linear.out_features, bias=bias is not None, bits=layer.w_bits,
             group_size=layer.group_size, ternary_format=ternary_format, scale_dtype=scale_dtype,
-            dtype=None if bias is None else bias.dtype, device=linear.weight.device, a_bits=layer.a_bits))
+            dtype=None if bias is None else bias.dtype, device=linear.weight.device, a_bits=layer.a_bits,
+            a_block=layer.activation_block(name, linear.in_features)))
     return [n for n, _ in targets] + replace_tables_with_packed(model, quant_config, scale_dtype)
 
 
@@ -347,7 +351,9 @@ def replace_tables_with_packed(model: nn.Module, quant_config: QuantConfig, scal
         packed = PackedEmbedding(emb.num_embeddings, emb.embedding_dim, bits=quant_config.embed_bits,
                                  group_size=quant_config.embed_group_size,
                                  padding_idx=emb.padding_idx, scale_dtype=scale_dtype, dtype=emb.weight.dtype,
-                                 device=emb.weight.device, a_bits=quant_config.a_bits)
+                                 device=emb.weight.device, a_bits=quant_config.a_bits,
+                                 a_block=quant_config.activation_block(emb_name, emb.embedding_dim,
+                                                                       w_bits=quant_config.embed_bits))
         set_module(model, emb_name, packed)
         names.append(emb_name)
         if tied:
@@ -359,7 +365,8 @@ def replace_tables_with_packed(model: nn.Module, quant_config: QuantConfig, scal
         set_module(model, head_name, PackedLinear(
             head.in_features, head.out_features, bias=bias is not None, bits=quant_config.head_bits,
             group_size=quant_config.head_group_size, scale_dtype=scale_dtype,
-            dtype=None if bias is None else bias.dtype, device=head.weight.device, a_bits=quant_config.a_bits))
+            dtype=None if bias is None else bias.dtype, device=head.weight.device, a_bits=quant_config.a_bits,
+            a_block=quant_config.activation_block(head_name, head.in_features, w_bits=quant_config.head_bits)))
         names.append(head_name)
     return names
 

@@ -55,8 +55,12 @@ class ModelArguments:
         "help": "quantize an untied LM head: 1, 1.58, 2, 3, 4 or 8 (default 16 = off; tied models: --embed_bits)"})
     head_group_size: int | None = field(default=None, metadata={"help": "LM head input columns per scale"})
     a_bits: int | None = field(default=None, metadata={
-        "help": "8 = fake-quantize each quantized layer's input per token to 8 bits (absmax, straight-through), "
-                "as llama.cpp and BitNet b1.58 run it; default 16 = off"})
+        "help": "8 = fake-quantize each quantized layer's input to 8 bits (absmax, straight-through), as llama.cpp "
+                "and BitNet b1.58 run it; default 16 = off"})
+    a_group_size: str | None = field(default=None, metadata={
+        "help": "with --a_bits 8: where max|x| is taken: per token (default, BitNet b1.58), N input features "
+                "(32 = llama.cpp's Q8_0 blocks, 256 = Q8_K), or gguf = per layer as llama.cpp runs the GGUF type "
+                "paretoq exports it as (the way to match llama.cpp)"})
     # -- quality recipe (docs/quality.md) --
     scale_init: str = field(default="reference", metadata={
         "help": "scale init: reference (ParetoQ closed form) | mse (per row/group search minimising ||W-Q(W)||^2) | "
@@ -132,7 +136,7 @@ class TrainConfig:
         m = self.model
         tables = dict(embed_bits=16 if m.embed_bits is None else m.embed_bits, embed_group_size=m.embed_group_size,
                       head_bits=16 if m.head_bits is None else m.head_bits, head_group_size=m.head_group_size,
-                      a_bits=16 if m.a_bits is None else m.a_bits)
+                      a_bits=16 if m.a_bits is None else m.a_bits, a_group_size=m.a_group_size)
         if m.quant_config:
             from paretoq.quant.config import read_quant_config
 
