@@ -209,8 +209,8 @@ def report(a) -> None:
             "date")
     if a.results_md:
         append_results("Engine agreement after QAT: llama.cpp vs paretoq, 8-bit activations (agreement_qat.py)",
-                       f"python benchmarks/agreement_qat.py run --bits B --a8 off|gguf --results R (each row), "
-                       f"then report --results R --results_md", lines, note)
+                       "python benchmarks/agreement_qat.py run --bits B --a8 off|gguf --results R (each row), "
+                       "then report --results R --results_md", lines, note)
     else:
         print("\n".join(lines))
 

@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 
-from paretoq import QuantConfig, quantize_model
 from paretoq.export.gguf import BLOCK_TYPES, export_gguf, ggml_type_for
 from paretoq.export.integers import LayerIntegers
 from paretoq.quant.functional import SCHEMES, gguf_activation_block
