@@ -288,7 +288,7 @@ def candidate_weights(model, names: list[str], candidates: list[Candidate], scal
 
 def measure_sensitivity(model, calibration_data, candidates: list[Candidate], scale_init: str = "reference",
                         batch_size: int = 2, quant_config=None, deltas: dict | None = None,
-                        dtype=None, labels: str = "data") -> Sensitivity:
+                        dtype=None) -> Sensitivity:
     """Predicted ΔL of every (selected layer, candidate) on ``calibration_data`` (token ids (N, L)).
 
     See the module docstring for the estimate. The model is used in fp32, eval mode, and restored.
@@ -359,18 +359,16 @@ def measure_sensitivity(model, calibration_data, candidates: list[Candidate], sc
         p.requires_grad_(False)
     model.eval()
     tokens, loss_sum = 0, 0.0
-    gen = torch.Generator().manual_seed(0)  # labels="model": the next tokens drawn from the model (true Fisher)
     try:
         for start in range(0, len(ids), batch_size):
             batch = ids[start:start + batch_size]
             logits = model(input_ids=batch, use_cache=False).logits
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-            data = batch[:, 1:].reshape(-1)
-            drawn = data if labels == "data" else torch.multinomial(flat.detach().softmax(-1), 1, generator=gen)[:, 0]
-            F.cross_entropy(flat, drawn, reduction="sum").backward()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                   reduction="sum")
+            loss.backward()
             inputs.clear()
             tokens += batch[:, 1:].numel()
-            loss_sum += F.cross_entropy(flat.detach(), data, reduction="sum").item()
+            loss_sum += loss.item()
             logger.info("allocate: sensitivities, %d of %d calibration blocks (%.0f s)", min(start + batch_size, len(ids)),
                         len(ids), time.perf_counter() - t0)
     finally:
@@ -478,7 +476,7 @@ def calibration_ids(model_dir, data_path, samples: int, block: int, seed: int = 
 
 
 def sensitivity_of_folder(model_dir, calibration, candidates: list[Candidate], scale_init: str = "reference",
-                          batch_size: int = 2, labels: str = "data") -> Sensitivity:
+                          batch_size: int = 2) -> Sensitivity:
     import torch
 
     from paretoq.loading import load_model
@@ -486,6 +484,6 @@ def sensitivity_of_folder(model_dir, calibration, candidates: list[Candidate], s
     model = load_model(model_dir, dtype=torch.float32)
     if getattr(model.config, "quantization_config", None):
         raise UserError(f"{model_dir} is already quantized: paretoq allocate measures a full-precision model")
-    sens = measure_sensitivity(model, calibration, candidates, scale_init, batch_size, labels=labels)
+    sens = measure_sensitivity(model, calibration, candidates, scale_init, batch_size)
     sens.meta["model"] = str(model_dir)
     return sens
