@@ -65,22 +65,10 @@ def train(a, out: Path) -> dict:
             "command": "paretoq train " + " ".join(argv)}
 
 
-def window_ppl(logits: torch.Tensor, windows: list[list[int]]) -> float:
-    """exp(mean next-token cross-entropy) of the concatenated per-window logits over each window's own tokens."""
-    import torch.nn.functional as F
-
-    total, n, start = 0.0, 0, 0
-    for ids in windows:
-        lg = logits[start:start + len(ids)]
-        start += len(ids)
-        total += F.cross_entropy(lg[:-1].double(), torch.tensor(ids[1:]), reduction="sum").item()
-        n += len(ids) - 1
-    return float(torch.tensor(total / n).exp())
-
-
 def run(a) -> None:
     from paretoq import assets
-    from paretoq.export.check import _llama_cpp_logits, _transformers_logits, agreement, token_windows
+    from paretoq.export.check import (_llama_cpp_logits, _transformers_logits, agreement, token_windows,
+                                      window_perplexity)
     from paretoq.export.gguf import export_gguf, read_gguf_tensors
     from paretoq.loading import load_model, load_tokenizer
 
@@ -99,7 +87,7 @@ def run(a) -> None:
         if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
             counts[t.type_name] = counts.get(t.type_name, 0) + t.shape[0] * t.shape[1]
     total = sum(counts.values())
-    row["ppl_windows_paretoq"] = window_ppl(ours, windows)
+    row["ppl_windows_paretoq"] = window_perplexity(ours, windows)
     row.update(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(), bits=a.bits,
                a8=a.a8, init=a.init, steps=a.steps,
                types=", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
@@ -107,7 +95,7 @@ def run(a) -> None:
         theirs = torch.cat(_llama_cpp_logits(path, windows, WINDOW, a.threads, kv_f32=kv_f32))
         top1, kl, diff, n = agreement(ours, theirs)
         key = "kv_f32" if kv_f32 else "kv_f16"
-        row[key] = {"top1": top1, "kl": kl, "max_abs_logit_diff": diff, "ppl": window_ppl(theirs, windows)}
+        row[key] = {"top1": top1, "kl": kl, "max_abs_logit_diff": diff, "ppl": window_perplexity(theirs, windows)}
         row["tokens"] = n
     path.unlink()
     with open(a.results, "a") as f:

@@ -3,6 +3,7 @@ next-token distributions against paretoq's model."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 
@@ -29,6 +30,17 @@ def test_agreement_figures():
     assert agreement(ref, ref + 5.0)[1] == pytest.approx(0.0, abs=1e-12)  # a constant shift is the same distribution
     with pytest.raises(UserError, match="shape"):
         agreement(ref, ref[:1])
+
+
+def test_window_perplexity():
+    """Each window's positions predict its own next tokens; the last position of a window predicts nothing."""
+    from paretoq.export.check import window_perplexity
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3],
+                                     [0.25, 0.5, 0.25], [0.9, 0.05, 0.05]], dtype=torch.float64))
+    # windows [0, 2, 1] and [1, 0]: p(2 | pos 0) = 0.25, p(1 | pos 1) = 0.1, p(0 | pos 3) = 0.25
+    want = math.exp(-(math.log(0.25) + math.log(0.1) + math.log(0.25)) / 3)
+    assert window_perplexity(logits, [[0, 2, 1], [1, 0]]) == pytest.approx(want, rel=1e-12)
 
 
 def test_token_windows():
@@ -73,6 +85,7 @@ def test_check_packed_and_compressed_tensors_agree_fully(fake_dir, tmp_path):
     for name in ("packed", "ct"):
         r = reports[name]
         assert r.tokens == 200 and r.top1 == 1.0 and r.mean_kl < 1e-10 and r.max_abs_logit_diff < 1e-4, (name, r)
+        assert r.ppl_engine == pytest.approx(r.ppl_reference, rel=1e-6) and 1 < r.ppl_reference < 1e4
     assert reports["bf16"].mean_kl > 1e3 * max(reports["ct"].mean_kl, 1e-12)
     assert reports["bf16"].max_abs_logit_diff > 1e-3
 
@@ -85,6 +98,8 @@ def test_cli_check_line(fake_dir, tmp_path, capsys):
     m = re.search(r"check: transformers \(compressed-tensors\) vs paretoq's fake-quant model on 100 tokens of .*: "
                   r"top-1 agreement ([\d.]+)%, mean KL (\S+) nats", out)
     assert m and float(m.group(1)) == 100.0 and float(m.group(2)) < 1e-10, out
+    m = re.search(r"perplexity (\S+) vs paretoq's (\S+)\n", out)
+    assert m and m.group(1) == m.group(2), out
     assert cli_main(["export", "--model", str(fake_dir), "--format", "packed", "--output", str(tmp_path / "p"),
                      "--check", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err

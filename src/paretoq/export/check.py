@@ -3,7 +3,10 @@
 ``paretoq export ... --check TEXT.jsonl`` (or :func:`check_export`) tokenizes held-out text, cuts it into windows,
 and at every position compares the distribution the engine computes from the exported file with the one
 paretoq's model (the folder exported, fake-quant or packed, in fp32) computes: the mean KL divergence
-KL(paretoq ‖ engine) in nats and the top-1 agreement (how often both pick the same next token). The engines:
+KL(paretoq ‖ engine) in nats, the top-1 agreement (how often both pick the same next token) and the perplexity of
+each on the text (exp of the mean next-token cross-entropy within the windows): with an engine that rounds
+activations (llama.cpp) position-by-position agreement has a ceiling, while the perplexities show whether the
+engine keeps the model's quality (docs/deploy.md). The engines:
 llama.cpp (llama-cpp-python, all logits) for GGUF, plain transformers for the hf and compressed-tensors folders,
 paretoq's loader for packed folders. Both sides see the same token ids.
 """
@@ -11,6 +14,7 @@ paretoq's loader for packed folders. Both sides see the same token ids.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +39,14 @@ class AgreementReport:
     top1: float  # fraction of positions where both argmaxes agree
     mean_kl: float  # nats, KL(paretoq ‖ engine), averaged over positions
     max_abs_logit_diff: float
+    ppl_reference: float  # paretoq's perplexity on the scored positions
+    ppl_engine: float  # the engine's
 
     def line(self) -> str:
         return (f"check: {self.engine} vs paretoq's fake-quant model on {self.tokens} tokens of {self.source}: "
                 f"top-1 agreement {100 * self.top1:.2f}%, mean KL {self.mean_kl:.3g} nats, "
-                f"max |Δlogit| {self.max_abs_logit_diff:.3g}")
+                f"max |Δlogit| {self.max_abs_logit_diff:.3g}, perplexity {self.ppl_engine:.4g} vs paretoq's "
+                f"{self.ppl_reference:.4g}")
 
 
 def agreement(reference: torch.Tensor, engine: torch.Tensor) -> tuple[float, float, float, int]:
@@ -51,6 +58,21 @@ def agreement(reference: torch.Tensor, engine: torch.Tensor) -> tuple[float, flo
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     top1 = (ref.argmax(-1) == eng.argmax(-1)).double()
     return float(top1.mean()), float(kl.mean()), float((ref - eng).abs().max()), ref.shape[0]
+
+
+def window_perplexity(logits: torch.Tensor, windows: list[list[int]]) -> float:
+    """exp(mean next-token cross-entropy) of logits (the windows' positions, concatenated) over each window's own
+    next tokens (a window's last position predicts nothing here)."""
+    import torch.nn.functional as F
+
+    total, n, start = 0.0, 0, 0
+    for ids in windows:
+        scores = logits[start:start + len(ids)].double()
+        start += len(ids)
+        if len(ids) > 1:
+            total += F.cross_entropy(scores[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+            n += len(ids) - 1
+    return math.exp(total / max(n, 1))
 
 
 def token_windows(text_path: str | os.PathLike, tokenizer, tokens: int, window: int) -> list[list[int]]:
@@ -125,7 +147,9 @@ def check_export(model_folder: str | os.PathLike, export_path: str | os.PathLike
         engine_model = AutoModelForCausalLM.from_pretrained(export_path, dtype=torch.float32,
                                                             local_files_only=True).eval()
         theirs = _transformers_logits(engine_model, windows)
-    top1, kl, diff, n = agreement(torch.cat(ours), torch.cat(theirs))
-    report = AgreementReport(ENGINES[export_format], str(text_path), n, top1, kl, diff)
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    top1, kl, diff, n = agreement(ours, theirs)
+    report = AgreementReport(ENGINES[export_format], str(text_path), n, top1, kl, diff,
+                             window_perplexity(ours, windows), window_perplexity(theirs, windows))
     logger.info(report.line())
     return report
