@@ -83,7 +83,7 @@ def test_a_group_size_config_and_layers():
     # gguf: 2/3-bit rows that are multiples of 256 are K-quants (Q8_K activations), the rest Q8_0's 32
     assert (g.activation_block("a", 1536), g.activation_block("b", 576)) == (256, 32)
     assert QuantConfig(w_bits=4, a_bits=8, a_group_size="gguf").activation_block("a", 1536) == 32
-    assert g.activation_block("lm_head", 1536, w_bits=8) == 32  # tables are Q4_0 / Q8_0
+    assert g.activation_block("lm_head", 1536, table=True) == 32  # tables are Q4_0 / Q8_0
     assert gguf_activation_block(3, 64, 1024) == 32 and gguf_activation_block(3, 512, 1024) == 256
     assert QuantConfig(w_bits=2, a_bits=8).activation_block("a", 576) is None
     torch.manual_seed(0)

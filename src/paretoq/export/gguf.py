@@ -553,12 +553,9 @@ class _TensorRecord:
 
 
 def _trained_activation_block(module: nn.Module) -> int | None:
-    """The block of a layer's 8-bit activations in training when it had blocks (``a_group_size``), else None."""
-    config = getattr(module, "quant_config", None)
-    a_bits = getattr(module, "a_bits", None) or getattr(config, "a_bits", 16)
-    if a_bits != 8:
-        a_bits = getattr(getattr(module, "source", None), "a_bits", 16)  # a packed tied head
-    return getattr(module, "a_block", None) if a_bits == 8 else None
+    """The block of a layer's 8-bit activations in training when it had blocks (``a_group_size``), else None
+    (every quantized module's ``a_block`` is None unless a_bits=8 with a block size)."""
+    return getattr(module, "a_block", None)
 
 
 class _Writer:

@@ -264,16 +264,16 @@ class QuantConfig:
         return (self.embed_bits, self.embed_group_size, self.head_bits, self.head_group_size, self.a_bits,
                 self.a_group_size)
 
-    def activation_block(self, name: str, in_features: int, w_bits: float | None = None) -> int | None:
+    def activation_block(self, name: str, in_features: int, table: bool = False) -> int | None:
         """The block (input features per max|x|) of the 8-bit activations of the layer ``name``: None = per
-        token (or a_bits off). ``w_bits``: for tables (embedding / LM head, exported as Q4_0 or Q8_0 = blocks
-        of 32 under "gguf")."""
+        token (or a_bits off). ``table``: the LM head of a quantized table (exported as Q4_0 or Q8_0, blocks of
+        32 under "gguf")."""
         from paretoq.quant.functional import gguf_activation_block
 
         if self.a_bits != 8 or self.a_group_size is None:
             return None
         if self.a_group_size == "gguf":
-            if w_bits is not None:
+            if table:
                 return 32
             layer = self.for_layer(name)
             return gguf_activation_block(layer.w_bits, layer.group_size, in_features)

@@ -113,7 +113,7 @@ class QuantHead(QuantLinear):
         self.quant_config = config
         self.scheme = config.head_scheme
         self.group_size = config.head_group_size
-        self.a_block = config.activation_block("lm_head", self.in_features, w_bits=config.head_bits)
+        self.a_block = config.activation_block("lm_head", self.in_features, table=True)
         groups = self.in_features // group_width(self.group_size, self.in_features)
         self.weight_clip_val = nn.Parameter(torch.empty(self.out_features, groups, dtype=torch.float32, device=device))
         self._clear_cache()
@@ -134,7 +134,7 @@ class QuantHead(QuantLinear):
 def _activation(x: torch.Tensor, config) -> torch.Tensor:
     if config is None or config.a_bits != 8:
         return x
-    return fake_quantize_activation(x, config.activation_block("lm_head", x.shape[-1], w_bits=config.embed_bits))
+    return fake_quantize_activation(x, config.activation_block("lm_head", x.shape[-1], table=True))
 
 
 class QuantTiedHead(nn.Module):
@@ -213,8 +213,7 @@ class PackedEmbedding(nn.Module):
         codes = quantize_codes(q.weight.detach(), scales.float(), q.scheme)
         return cls.from_codes(codes, scales, bits=q.quant_config.embed_bits, group_size=q.group_size,
                               padding_idx=q.padding_idx, dtype=dtype or q.weight.dtype, a_bits=q.quant_config.a_bits,
-                              a_block=q.quant_config.activation_block("lm_head", q.embedding_dim,
-                                                                      w_bits=q.quant_config.embed_bits))
+                              a_block=q.quant_config.activation_block("lm_head", q.embedding_dim, table=True))
 
     @classmethod
     @torch.no_grad()

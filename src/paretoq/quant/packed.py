@@ -352,8 +352,7 @@ def replace_tables_with_packed(model: nn.Module, quant_config: QuantConfig, scal
                                  group_size=quant_config.embed_group_size,
                                  padding_idx=emb.padding_idx, scale_dtype=scale_dtype, dtype=emb.weight.dtype,
                                  device=emb.weight.device, a_bits=quant_config.a_bits,
-                                 a_block=quant_config.activation_block(emb_name, emb.embedding_dim,
-                                                                       w_bits=quant_config.embed_bits))
+                                 a_block=quant_config.activation_block(emb_name, emb.embedding_dim, table=True))
         set_module(model, emb_name, packed)
         names.append(emb_name)
         if tied:
@@ -366,7 +365,7 @@ def replace_tables_with_packed(model: nn.Module, quant_config: QuantConfig, scal
             head.in_features, head.out_features, bias=bias is not None, bits=quant_config.head_bits,
             group_size=quant_config.head_group_size, scale_dtype=scale_dtype,
             dtype=None if bias is None else bias.dtype, device=head.weight.device, a_bits=quant_config.a_bits,
-            a_block=quant_config.activation_block(head_name, head.in_features, w_bits=quant_config.head_bits)))
+            a_block=quant_config.activation_block(head_name, head.in_features, table=True)))
         names.append(head_name)
     return names
 
