@@ -112,7 +112,7 @@ def run_rtn(a) -> None:
         for budget in a.budgets:
             alloc = allocate(sens, budget_bytes(sens, budget), estimate=a.estimate)
             label = f"mix {budget:g}" + (f" ({','.join(c.label for c in sens.candidates)})" if a.sens_suffix else "") + (
-                f" [{a.estimate}]" if a.estimate != "fisher" else "")
+                f" [{a.estimate}]")
             alloc_losses[label] = alloc.loss
             configs.append((label, allocation_config(sens, alloc, init)))
         for name, config in configs:
@@ -194,8 +194,8 @@ def run_qat(a) -> None:
 
     folder, train, evalf, _, _ = setup()
     sens = sensitivity(a, "gptq")
-    alloc = allocate(sens, budget_bytes(sens, a.qat_budget))
-    yaml_path = Path(a.workdir) / f"alloc-gptq-{a.qat_budget:g}.yaml"
+    alloc = allocate(sens, budget_bytes(sens, a.qat_budget), estimate=a.estimate)
+    yaml_path = Path(a.workdir) / f"alloc-gptq-{a.qat_budget:g}-{a.estimate}.yaml"
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(yaml_path, quant_config_yaml(allocation_config(sens, alloc, "gptq")))
     common = ["--input_model_filename", str(folder), "--train_data_local_path", str(train),
@@ -206,9 +206,10 @@ def run_qat(a) -> None:
               "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--bf16", "true",
               "--learning_rate", str(a.lr), "--warmup_steps", "0.1", "--scale_init", "gptq",
               "--calibration_samples", "16"]
-    plans = {"uniform 3": ["--w_bits", "3"], f"mix {a.qat_budget:g}": ["--quant_config", str(yaml_path)]}
+    mix = f"mix {a.qat_budget:g} [{a.estimate}]"
+    plans = {"uniform 3": ["--w_bits", "3"], mix: ["--quant_config", str(yaml_path)]}
     for name in a.qat_plans:
-        key = name if name in plans else f"mix {a.qat_budget:g}" if name == "mix" else name
+        key = name if name in plans else mix if name == "mix" else name
         out = os.path.join(a.workdir, key.replace(" ", "-"))
         argv = [*common, "--output_dir", out, *plans[key]]
         t = time.perf_counter()
@@ -280,11 +281,14 @@ def spearman(x, y) -> float:
 
 
 def main() -> None:
+    from paretoq.allocate import DEFAULT_ESTIMATE
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("exp", choices=("rtn", "track", "qat", "report"))
     p.add_argument("--results", required=True)
     p.add_argument("--sensitivity_dir", default="/tmp/alloc")
-    p.add_argument("--estimate", default="fisher", help="rtn: the allocator's score, fisher or taylor")
+    p.add_argument("--estimate", default=DEFAULT_ESTIMATE, help="rtn, qat: the allocator's score (clipped, fisher or "
+                   "taylor; default clipped)")
     p.add_argument("--sens_suffix", default="", help="sensitivity file sens-<init><suffix>.json (another candidate set)")
     p.add_argument("--inits", default="reference,gptq")
     p.add_argument("--budgets", default="3.0,2.5")

@@ -330,6 +330,7 @@ def test_allocate_command_writes_a_config_that_trains(tmp_path, capsys):
     assert rc == 0
     config = load_quant_config(out)
     assert config.mixed and "2.5000" in out.read_text().splitlines()[1]
+    assert "(score clipped;" in out.read_text().splitlines()[2]  # the default score, named in the header
     first = capsys.readouterr().out
     bpw = float(first.split(": ")[1].split(" bits")[0])
     assert 2.3 < bpw <= 2.5
@@ -400,7 +401,9 @@ def test_estimates():
 
     sens = Sensitivity(["a"], [(2, 2)], [Candidate(2), Candidate(4)], [[0.5, 0.1]], [[-0.2, 0.05]], 10, "reference",
                        1.0, 0.0)
-    assert predicted(sens) == [[0.5, 0.1]]
+    # default "clipped": a first-order gain (-0.2) is not credited, a first-order cost (0.05) is
+    assert predicted(sens) == [[0.5, pytest.approx(0.15)]]
+    assert predicted(sens, "fisher") == [[0.5, 0.1]]
     assert predicted(sens, "taylor") == [[pytest.approx(0.3), pytest.approx(0.15)]]
     with pytest.raises(UserError, match="--estimate 'hessian' is unknown"):
         predicted(sens, "hessian")

@@ -18,20 +18,21 @@ Three steps:
    configured scale init: the weights the candidate really gets). One forward and backward per
    micro-batch of calibration blocks gives each layer's input x_t and the gradient g_t = ∂(Σ loss)/∂y_t
    at its output; for a candidate with weight error ΔW = Ŵ − W the layer's output moves by
-   δy_t = ΔW x_t, and the estimate is the second-order (Fisher) term
+   δy_t = ΔW x_t, and two terms are recorded: the second-order (Fisher) term and the first-order one
 
-       ΔL ≈ ½ · (1/T) Σ_t (g_t · δy_t)²
+       F = ½ · (1/T) Σ_t (g_t · δy_t)²,     G = (1/T) Σ_t g_t · δy_t
 
-   (the empirical Fisher of the loss, in the direction ΔW, with each position's output gradient
-   standing in for its token's: one backward gives all of them). The first-order term
-   (1/T) Σ_t g_t · δy_t is recorded too. Only activations get gradients (the weights are frozen),
+   (F: the empirical Fisher of the loss in the direction ΔW, each position's output gradient
+   standing in for its token's: one backward gives all of them). The score allocated on
+   (``predicted``) is by default F + max(G, 0): a first-order gain measured on a few calibration
+   blocks is not credited, a first-order cost is. Only activations get gradients (the weights are frozen),
    every candidate of a layer is scored in the backward hook of that layer, and nothing but the
    candidates' ΔW is kept between micro-batches. ``benchmarks/allocation_smollm2.py track``
    compares the estimate with the true loss increase (the layer really quantized, the loss
    re-measured) on a sample of (layer, candidate) pairs: the rank correlation is reported in
    docs/quality.md.
 
-3. **Allocation** (``allocate``): one candidate per layer minimising Σ predicted ΔL subject to
+3. **Allocation** (``allocate``): one candidate per layer minimising Σ score subject to
    Σ bytes ≤ budget — a multiple-choice knapsack, solved exactly by dynamic programming over the
    bytes in units of the greatest common divisor of every cost (exact), or, when that is too fine
    to tabulate, over units of ``budget / resolution`` with every cost rounded up (the budget is
@@ -131,6 +132,7 @@ class Allocation:
     exact: bool  # True: the DP's grid held every cost exactly (the choice is the optimum)
     lower_bound: float  # a lower bound on the optimum's loss (Lagrangian dual); == loss when proven
     unit: int  # bytes per DP state
+    estimate: str = ""  # the score the losses are (``predicted``), set by ``allocate``
 
     @property
     def gap(self) -> float:
@@ -393,21 +395,32 @@ def budget_bytes(sens: Sensitivity, bits_per_weight: float) -> int:
     return int(math.floor(bits_per_weight * weights / 8))
 
 
-ESTIMATES = ("fisher", "taylor")
+ESTIMATES = ("clipped", "fisher", "taylor")
+DEFAULT_ESTIMATE = "clipped"
 
 
-def predicted(sens: Sensitivity, estimate: str = "fisher") -> list[list[float]]:
-    """Per layer and candidate: "fisher" = ½ Fisher term (≥ 0; the default), "taylor" = first-order +
-    Fisher term (the second-order Taylor expansion with the Fisher as its Hessian)."""
+def predicted(sens: Sensitivity, estimate: str = DEFAULT_ESTIMATE) -> list[list[float]]:
+    """Per layer and candidate, the score the allocation minimises:
+
+    - "fisher": the ½ Fisher term F (≥ 0);
+    - "taylor": first-order term G + F (the second-order Taylor expansion, the Fisher as its Hessian);
+    - "clipped" (the default): F + max(G, 0) — the first-order term only where it predicts a loss
+      increase. A negative G says quantizing the layer *lowers* the calibration loss; on held-out
+      text that gain does not hold (the calibration blocks are few and, with gptq, the very tokens
+      the weights were fitted to), so it is not credited, while a positive G is a real cost.
+      Measured on SmolLM2-135M (docs/quality.md): the best single score over both scale inits.
+    """
     if estimate not in ESTIMATES:
         raise UserError(f"--estimate {estimate!r} is unknown: use one of {', '.join(ESTIMATES)}")
     if estimate == "fisher":
         return sens.delta_loss
-    return [[q + f for q, f in zip(qs, fs)] for qs, fs in zip(sens.delta_loss, sens.first_order)]
+    if estimate == "taylor":
+        return [[q + f for q, f in zip(qs, fs)] for qs, fs in zip(sens.delta_loss, sens.first_order)]
+    return [[q + max(f, 0.0) for q, f in zip(qs, fs)] for qs, fs in zip(sens.delta_loss, sens.first_order)]
 
 
 def allocate(sens: Sensitivity, budget: int, ternary_format: str = "base3",
-             resolution: int = DEFAULT_RESOLUTION, estimate: str = "fisher") -> Allocation:
+             resolution: int = DEFAULT_RESOLUTION, estimate: str = DEFAULT_ESTIMATE) -> Allocation:
     costs = [[candidate_bytes(c, o, i, ternary_format) if available(c, i) else 0 for c in sens.candidates]
              for o, i in sens.shapes]
     losses = [[v if available(c, i) else None for c, v in zip(sens.candidates, row)]
@@ -416,7 +429,9 @@ def allocate(sens: Sensitivity, budget: int, ternary_format: str = "base3",
         if all(v is None for v in row):
             raise UserError(f"no candidate fits {name}: every candidate's group size fails to divide its "
                             f"in_features {i}; add a per-row candidate (e.g. 4)")
-    return solve(losses, costs, budget, resolution)
+    alloc = solve(losses, costs, budget, resolution)
+    alloc.estimate = estimate
+    return alloc
 
 
 def allocation_config(sens: Sensitivity, alloc: Allocation, scale_init: str | None = None):
@@ -452,7 +467,7 @@ def header_text(sens: Sensitivity, alloc: Allocation, command: str = "") -> str:
     mix = ", ".join(f"{k} {v:.1%}" for k, v in s["weights_by_candidate"].items())
     lines = [f"paretoq allocate: {s['bits_per_weight']:.4f} bits/weight (budget {s['budget_bits_per_weight']:.4f}; "
              "codes + fp16 scales over the quantizable layers, ternary as base-3)",
-             f"predicted loss increase {alloc.loss:.5g} ({'exact optimum' if alloc.exact else f'gap to optimum <= {alloc.gap:.3g}'}); "
+             f"predicted loss increase {alloc.loss:.5g} (score {alloc.estimate or DEFAULT_ESTIMATE}; {'exact optimum' if alloc.exact else f'gap to optimum <= {alloc.gap:.3g}'}); "
              f"weights by candidate: {mix}",
              f"sensitivity: {sens.tokens} calibration tokens, scale_init {sens.scale_init}, {sens.seconds:.0f} s"]
     if command:
