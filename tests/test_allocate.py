@@ -338,6 +338,12 @@ def test_allocate_command_writes_a_config_that_trains(tmp_path, capsys):
     rc = _cli(["allocate", "--budget", "1.5", "--candidates", "2,3,4", "--sensitivity", str(sens)])
     assert rc == 2
     assert "infeasible: the cheapest candidate of every layer already takes" in capsys.readouterr().err
+    # an unknown score is refused before any measurement: one line, exit 2, nothing written
+    rc = _cli(["allocate", "--model", str(FIXTURE), "--data", str(TEXT / "kjv_train.jsonl"), "--budget", "2.5",
+               "--estimate", "hessian", "--out", str(tmp_path / "x.yaml"), "--sensitivity", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--estimate: invalid choice: 'hessian'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.yaml").exists() and not (tmp_path / "x.json").exists()
     # train it: the final folder holds each layer's bits
     from paretoq.loading import folder_info
 

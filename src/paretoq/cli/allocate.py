@@ -18,7 +18,7 @@ from paretoq.errors import ArgumentParser, UserError
 
 
 def parser() -> ArgumentParser:
-    from paretoq.allocate import DEFAULT_CANDIDATES, DEFAULT_ESTIMATE
+    from paretoq.allocate import DEFAULT_CANDIDATES, DEFAULT_ESTIMATE, ESTIMATES
 
     p = ArgumentParser(prog="paretoq allocate", description="Measure each layer's sensitivity to each candidate "
                        "bit width on calibration text, then choose one per layer minimising the predicted loss "
@@ -39,7 +39,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=2, help="blocks per forward/backward (default 2)")
     p.add_argument("--ternary_format", default="base3", help="how 1.58-bit codes are counted: base3 (1.6 bits, "
                    "default) or 2bit; export the packed folder the same way")
-    p.add_argument("--estimate", default=DEFAULT_ESTIMATE, help="score of a candidate: clipped (½ Fisher term + "
+    p.add_argument("--estimate", default=DEFAULT_ESTIMATE, choices=ESTIMATES, help="score of a candidate: clipped (½ Fisher term + "
                    "the first-order term where positive; default), fisher (½ Fisher term) or taylor (first-order + "
                    "Fisher term)")
     p.add_argument("--sensitivity", help="JSON file of the measured sensitivities: read if it exists (no "
